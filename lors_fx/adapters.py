@@ -1,0 +1,475 @@
+"""Sparse LoRA adapters on a model's pruned linears: attach, merge, save and load.
+
+:func:`attach_adapters` swaps each target ``nn.Linear`` (or GPT-2's ``Conv1D``) for a
+:class:`LorsLinear` (:class:`LorsConv1D`) under the same attribute name. The new module reuses the
+original ``weight``/``bias`` Parameter objects, so module names and the keys ``<fqn>.weight`` /
+``<fqn>.bias`` do not change, and adds ``<fqn>.lora_A`` (r x d_in) and ``<fqn>.lora_B``
+(d_out x r), PEFT's shapes. Every other parameter of the model is frozen (PEFT's ``bias="none"``).
+
+The forward computes ``y = x @ (W + s*(B@A)*M).T + bias`` with ``M = W != 0`` through the custom
+op :func:`lors_fx.ops.sparse_lora_linear`, or, with ``emit_reference=True`` (set by the compiler),
+through the naive plain-torch form that the graph passes recognise and rewrite into that op.
+
+Files written by :func:`save_adapters` follow PEFT's layout: ``adapter_model.safetensors`` with keys
+``base_model.model.<fqn>.lora_A.weight`` / ``...lora_B.weight`` and ``adapter_config.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LorsConfig
+from .ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
+                  sparse_lora_linear)
+from .sparsity import sparsity_of
+
+__all__ = [
+    "LorsLinear", "LorsConv1D", "reference_sparse_lora_dropout_form", "find_targets",
+    "attach_adapters", "lors_modules", "is_optimized", "merge", "save_adapters", "load_adapters",
+    "remove_adapters", "load_adapter_config", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
+]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+_KEY_PREFIX = "base_model.model."
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def reference_sparse_lora_dropout_form(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                       bias: Optional[Tensor], scaling: float,
+                                       dropout: nn.Module) -> Tensor:
+    """The naive plain-torch form with adapter dropout (what the compiler sees and rewrites).
+
+    ``y = F.linear(x, W, bias) + F.linear(dropout(x), (s * (B @ A)) * (W != 0))``: the base sees
+    ``x``, the masked adapter sees ``dropout(x)``. Its autograd gradient is the ``"exact"`` one.
+    """
+    delta = (scaling * (lora_B @ lora_A)) * (weight != 0)
+    return F.linear(x, weight, bias) + F.linear(dropout(x), delta)
+
+
+class _LorsMixin:
+    """Adapter state and forward shared by :class:`LorsLinear` and :class:`LorsConv1D`."""
+
+    def _init_adapter(self, weight: Tensor, r: int, scaling: float, grad_mode: str,
+                      recompute: bool, chunk_bytes: Optional[int], lora_dropout: float) -> None:
+        d_out, d_in = self.d_out, self.d_in
+        self.r = r
+        self.scaling = float(scaling)
+        self.grad_mode = grad_mode
+        self.recompute = recompute
+        self.chunk_bytes = chunk_bytes
+        self.emit_reference = False
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        factory = dict(dtype=weight.dtype, device=weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """PEFT's default init: lora_A Kaiming-uniform (``a=sqrt(5)``), lora_B zeros."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the adapter only: re-drawing the pruned base weight would densify it."""
+        self.reset_adapter()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ (W + s*(B@A)*M).T + bias`` (adapter input dropped out in training)."""
+        return self._adapted(x)
+
+    def extra_repr(self) -> str:
+        return self._adapter_repr()
+
+    def true_weight(self) -> Tensor:
+        """The weight as ``(d_out, d_in)`` (a transposed view for Conv1D)."""
+        raise NotImplementedError
+
+    def _uses_dropout(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
+
+    def _adapted(self, x: Tensor) -> Tensor:
+        weight, bias, s = self.true_weight(), self.bias, self.scaling
+        if self.emit_reference:
+            if self._uses_dropout():
+                return reference_sparse_lora_dropout_form(x, weight, self.lora_A, self.lora_B,
+                                                          bias, s, self.lora_dropout)
+            return reference_sparse_lora_linear(x, weight, self.lora_A, self.lora_B, bias, s)
+        options = dict(scaling=s, grad_mode=self.grad_mode, recompute=self.recompute,
+                       chunk_bytes=self.chunk_bytes)
+        if self._uses_dropout():
+            return F.linear(x, weight, bias) + sparse_lora_delta(
+                self.lora_dropout(x), weight, self.lora_A, self.lora_B, **options)
+        return sparse_lora_linear(x, weight, self.lora_A, self.lora_B, bias=bias, **options)
+
+    def _adapter_repr(self) -> str:
+        weight = self.true_weight()
+        sparsity = "meta" if weight.device.type == "meta" else f"{sparsity_of(weight):.3f}"
+        return (f"in_features={self.d_in}, out_features={self.d_out}, r={self.r}, "
+                f"scaling={self.scaling:g}, grad_mode={self.grad_mode}, sparsity={sparsity}")
+
+
+class LorsLinear(_LorsMixin, nn.Linear):
+    """An ``nn.Linear`` with a sparsity-preserving adapter; reuses the original weight and bias.
+
+    Attributes: ``r``, ``scaling``, ``grad_mode``, ``recompute``, ``chunk_bytes``,
+    ``lora_dropout`` (``nn.Dropout`` or ``nn.Identity``), ``emit_reference`` (forward the naive
+    plain-torch form for the compiler instead of calling the custom op).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, *, grad_mode: str = "lors",
+                 recompute: bool = True, chunk_bytes: Optional[int] = None,
+                 lora_dropout: float = 0.0):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a new weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_adapter(base.weight, r, scaling, grad_mode, recompute, chunk_bytes,
+                           lora_dropout)
+        self.train(base.training)
+
+    d_in = property(lambda self: self.in_features)
+    d_out = property(lambda self: self.out_features)
+
+    def true_weight(self) -> Tensor:
+        return self.weight
+
+
+
+class LorsConv1D(_LorsMixin, nn.Module):
+    """GPT-2's ``Conv1D`` (weight stored d_in x d_out, ``y = x @ W + b``) with a sparse adapter.
+
+    Keeps the original weight Parameter in its stored layout (state_dict shapes unchanged) and
+    hands ``weight.t()`` to the op, so the mask runs along the true input dim.
+    ``base_class`` remembers the original class, used by :func:`merge`.
+    """
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, *, grad_mode: str = "lors",
+                 recompute: bool = True, chunk_bytes: Optional[int] = None,
+                 lora_dropout: float = 0.0):
+        super().__init__()
+        self.base_class = type(base)
+        self.nx, self.nf = base.weight.shape
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_adapter(base.weight, r, scaling, grad_mode, recompute, chunk_bytes,
+                           lora_dropout)
+        self.train(base.training)
+
+    d_in = property(lambda self: self.nx)
+    d_out = property(lambda self: self.nf)
+
+    def true_weight(self) -> Tensor:
+        return self.weight.t()
+
+
+
+_LORS_TYPES = (LorsLinear, LorsConv1D)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None),
+                                                            Tensor)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _dims(module: nn.Module) -> Tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Conv1D."""
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return d_out, d_in
+    return module.out_features, module.in_features
+
+
+def lors_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{fqn: module}`` of every :class:`LorsLinear` / :class:`LorsConv1D` in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _LORS_TYPES)}
+
+
+def is_optimized(model: nn.Module) -> bool:
+    """True when ``model`` carries LoRS adapters."""
+    return bool(lors_modules(model))
+
+
+def _suffix_match(fqn: str, name: str) -> bool:
+    return fqn == name or fqn.endswith("." + name)
+
+
+def _describe(rows: List[Tuple[str, float]], limit: int = 8) -> str:
+    text = ", ".join(f"{name} ({sparsity:.2f})" for name, sparsity in rows[:limit])
+    return text + (f", ... ({len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+def find_targets(model: nn.Module, config: LorsConfig) -> List[Tuple[str, nn.Module]]:
+    """The ``(fqn, module)`` pairs that ``config`` adapts, validated; raises on bad input.
+
+    ``config.target_modules``: ``None`` = every ``nn.Linear``/``Conv1D`` whose sparsity is at
+    least ``config.min_sparsity``; a list = names matched against the end of each qualified name
+    (PEFT); a string = a regex that must match the whole qualified name. ``exclude_modules``
+    (suffixes) are never adapted. A named target that is dense, a name that matches no linear,
+    a non-float weight or ``r > min(d_in, d_out)`` is an error.
+    """
+    if not isinstance(config, LorsConfig):
+        raise TypeError(f"config must be a LorsConfig, got {type(config).__name__}")
+    present = lors_modules(model)
+    if present:
+        raise RuntimeError(f"optimize called twice: the model already has LoRS adapters (e.g. "
+                           f"{next(iter(present))}); merge(model) or start from a fresh model")
+    linears = [(name, m) for name, m in model.named_modules() if _is_linear_like(m)]
+    excluded = lambda fqn: any(_suffix_match(fqn, name) for name in config.exclude_modules)
+    spec = config.target_modules
+
+    def sparsity(module):
+        weight = module.weight
+        if weight.device.type == "meta":
+            raise ValueError("find_targets: model is on the meta device; materialize it first")
+        return sparsity_of(weight.detach())
+
+    if spec is None:
+        seen = [(name, sparsity(m)) for name, m in linears]
+        sparse = {name for name, value in seen if value >= config.min_sparsity}
+        chosen = [(name, m) for name, m in linears if name in sparse and not excluded(name)]
+        if not chosen:
+            raise ValueError(f"no target found: no linear module has sparsity >= "
+                             f"{config.min_sparsity} (excluding {config.exclude_modules}); seen: "
+                             f"{_describe(seen) or 'no nn.Linear/Conv1D at all'}")
+    else:
+        if isinstance(spec, str):
+            pattern = re.compile(spec)
+            chosen = [(n, m) for n, m in linears if pattern.fullmatch(n) and not excluded(n)]
+            if not chosen:
+                raise ValueError(f"no target found: regex {spec!r} matches no linear module "
+                                 f"(linears: {_describe([(n, sparsity(m)) for n, m in linears])})")
+        else:
+            unknown = [name for name in spec if not any(_suffix_match(n, name) for n, _ in linears)]
+            if unknown:
+                existing = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+                raise ValueError(f"unknown target module(s) {unknown}: no nn.Linear/Conv1D has "
+                                 f"that name; linear names in this model: {existing}")
+            chosen = [(n, m) for n, m in linears
+                      if any(_suffix_match(n, name) for name in spec) and not excluded(n)]
+            if not chosen:
+                raise ValueError(f"no target found: {spec} only match excluded modules "
+                                 f"{config.exclude_modules}")
+        dense = [(n, sparsity(m)) for n, m in chosen if sparsity(m) < config.min_sparsity]
+        if dense:
+            raise ValueError(f"target module(s) are dense (sparsity < min_sparsity="
+                             f"{config.min_sparsity}): {_describe(dense)}; LoRS adapts pruned "
+                             f"linears only (lower min_sparsity or drop them from target_modules)")
+    for name, module in chosen:
+        if module.weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"target {name} has a {module.weight.dtype} weight: LoRS needs a "
+                            f"float weight (dequantize integer/quantized modules first)")
+        d_out, d_in = _dims(module)
+        if config.r > min(d_in, d_out):
+            raise ValueError(f"r={config.r} is larger than min(d_in, d_out)={min(d_in, d_out)} "
+                             f"of target {name} ({d_out}x{d_in})")
+        if name == "":
+            raise ValueError("the model itself is a linear: wrap it in a container module")
+    return chosen
+
+
+def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
+    """Replace each target of ``config`` with a LoRS module; freeze everything but the adapters.
+
+    Validates everything (:func:`find_targets`) before changing the model. Stores ``config`` as
+    ``model.lors_config`` (read by merge/save/report) and returns the adapted module names.
+    """
+    targets = find_targets(model, config)
+    model._lors_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
+                   chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout)
+    for name, module in targets:
+        cls = LorsConv1D if _is_conv1d(module) else LorsLinear
+        _replace(model, name, cls(module, config.r, config.scaling, **options))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
+    model.lors_config = config
+    return [name for name, _ in targets]
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _plain_module(module: nn.Module) -> nn.Module:
+    """A plain Linear/Conv1D holding ``module``'s weight and bias Parameters."""
+    with torch.device("meta"):  # allocate nothing: the Parameters are swapped in right after
+        if isinstance(module, LorsLinear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        else:
+            plain = module.base_class(module.nf, module.nx)
+    plain.weight = module.weight
+    plain.bias = module.bias
+    plain.train(module.training)
+    return plain
+
+
+def _restore(model: nn.Module) -> None:
+    """Back to the plain model: eager forward, requires_grad flags as before attach."""
+    state = model.__dict__.get("_lors_state")  # set by lors_fx.backend.compile_model
+    if state is not None and getattr(state, "original_forward", None) is not None:
+        from .backend import decompile_model
+        decompile_model(model)
+    flags = getattr(model, "_lors_requires_grad", {})
+    for name, param in model.named_parameters():
+        if name in flags:
+            param.requires_grad_(flags[name])
+    for attr in ("lors_config", "_lors_requires_grad"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach_adapters` without merging (drops the adapters); used to roll back."""
+    for name, module in lors_modules(model).items():
+        _replace(model, name, _plain_module(module))
+    _restore(model)
+    return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight and drop the adapters.
+
+    Uses :func:`lors_fx.ops.build_merged_weight` (float32, cast back; the zero pattern is kept bit
+    for bit and no kept weight becomes 0). The weight Parameters are updated in place and handed
+    to plain ``nn.Linear`` / ``Conv1D`` modules; ``requires_grad`` flags are restored to what they
+    were before :func:`attach_adapters`. Returns ``model``.
+    """
+    modules = lors_modules(model)
+    if not modules:
+        raise ValueError("merge: model has no LoRS adapters")
+    for name, module in modules.items():
+        merged = build_merged_weight(module.true_weight(), module.lora_A, module.lora_B,
+                                     module.scaling)
+        module.weight.copy_(merged.t() if isinstance(module, LorsConv1D) else merged)
+        _replace(model, name, _plain_module(module))
+    _restore(model)
+    return model
+
+
+def save_adapters(model: nn.Module, path: str) -> List[str]:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (PEFT layout).
+
+    Returns the list of adapted module names written (also the JSON's ``target_modules``).
+    """
+    from safetensors.torch import save_file
+    from . import __version__
+
+    modules = lors_modules(model)
+    if not modules:
+        raise ValueError("save_adapters: model has no LoRS adapters")
+    config = getattr(model, "lors_config", None)
+    if config is None:
+        raise ValueError("save_adapters: model has adapters but no lors_config attribute")
+    tensors = {}
+    for name, module in modules.items():
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = \
+                getattr(module, part).detach().to("cpu").contiguous()
+    meta = config.to_dict()
+    meta.update(peft_type="LORS", target_modules=list(modules), lors_fx_version=__version__,
+                scaling=config.scaling)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return list(modules)
+
+
+def _resolve_files(path: str) -> Tuple[str, str]:
+    if str(path).lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"load_adapters: refusing to load {path!r}: pickle files can run code; "
+                         f"only {ADAPTER_WEIGHTS_NAME} (safetensors) is supported")
+    if os.path.isdir(path):
+        weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            pickles = [f for f in os.listdir(path) if f.lower().endswith(_PICKLE_SUFFIXES)]
+            hint = f" (found pickle file(s) {pickles}, which are refused)" if pickles else ""
+            raise FileNotFoundError(f"load_adapters: no {ADAPTER_WEIGHTS_NAME} in {path!r}{hint}")
+    elif os.path.isfile(path) and path.endswith(".safetensors"):
+        weights, path = path, os.path.dirname(path) or "."
+    else:
+        raise FileNotFoundError(f"load_adapters: {path!r} is neither a directory nor a "
+                                f".safetensors file")
+    config_path = os.path.join(path, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_adapters: no {ADAPTER_CONFIG_NAME} beside {weights!r}")
+    return weights, config_path
+
+
+def load_adapter_config(path: str) -> LorsConfig:
+    """The :class:`LorsConfig` saved by :func:`save_adapters` (``target_modules`` = the exact
+    adapted names), to rebuild the same adapters on a fresh model before :func:`load_adapters`."""
+    _, config_path = _resolve_files(path)
+    with open(config_path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    for key in ("peft_type", "lors_fx_version", "scaling"):
+        saved.pop(key, None)
+    return LorsConfig.from_dict(saved)
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, path: str) -> List[str]:
+    """Load adapters saved by :func:`save_adapters` into an optimized ``model``, bit for bit.
+
+    ``path``: the directory (or its ``.safetensors`` file). The model must carry adapters on the
+    same modules with the same ``r`` and ``scaling``; every key and shape is checked before
+    anything is copied, so a failed load changes nothing. Pickle files are refused.
+    Returns the names of the modules loaded.
+    """
+    from safetensors.torch import load_file
+
+    weights_path, config_path = _resolve_files(path)
+    modules = lors_modules(model)
+    if not modules:
+        raise ValueError("load_adapters: model has no LoRS adapters; call optimize(model, config) "
+                         "with the saved adapter_config.json's settings first")
+    with open(config_path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    if saved.get("peft_type") != "LORS":
+        raise ValueError(f"load_adapters: {config_path} has peft_type={saved.get('peft_type')!r}, "
+                         f"expected 'LORS'")
+    saved_targets = set(saved.get("target_modules") or [])
+    if saved_targets != set(modules):
+        raise ValueError(f"load_adapters: target modules differ: only in file "
+                         f"{sorted(saved_targets - set(modules))}, only in model "
+                         f"{sorted(set(modules) - saved_targets)}")
+    for name, module in modules.items():
+        if saved.get("r") != module.r:
+            raise ValueError(f"load_adapters: r={saved.get('r')} in file but {module.r} on {name}")
+        if not math.isclose(float(saved.get("scaling", float("nan"))), module.scaling,
+                             rel_tol=1e-9):
+            raise ValueError(f"load_adapters: scaling={saved.get('scaling')} in file but "
+                             f"{module.scaling} on {name}")
+    tensors = load_file(weights_path)
+    expected = {f"{_KEY_PREFIX}{name}.{part}.weight": getattr(module, part)
+                for name, module in modules.items() for part in ("lora_A", "lora_B")}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"load_adapters: keys differ: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise ValueError(f"load_adapters: {key} has shape {tuple(tensors[key].shape)} in the "
+                             f"file but {tuple(param.shape)} in the model")
+        if not tensors[key].dtype.is_floating_point:
+            raise TypeError(f"load_adapters: {key} is {tensors[key].dtype}, expected a float")
+    for key, param in expected.items():
+        param.copy_(tensors[key])
+    return list(modules)

@@ -1,0 +1,50 @@
+"""The ``lors-fx`` command line: an argparse dispatcher over subcommands.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+and is registered in :data:`COMMANDS`. Exit codes: 0 ok, 1 failure, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+#: subcommand -> (module implementing it, one-line help)
+COMMANDS = {
+    "example": ("lors_fx.example", "train a tiny pruned Llama with LoRS and audit its sparsity"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="lors-fx", description="Sparsity-preserving LoRA "
+                                     "fine-tuning (LoRS) of pruned models")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``lors-fx`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: 2 on bad arguments, 0 on --help
+        return int(stop.code or 0)
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        print("lors-fx: interrupted", file=sys.stderr)
+        return 1
+    except Exception as error:  # a failure, reported in one line
+        print(f"lors-fx {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Gradient-based adapter init (LoRS): lora_A = top-r right singular vectors of the weight gradient.
+
+For each adapted module the averaged dense weight gradient ``G = sum_b (n_b / N) * g_b.T @ x_b``
+(``g_b`` the gradient of batch ``b``'s loss with respect to the module's output, ``x_b`` its input,
+``n_b`` its example count, ``N`` the total) is accumulated from hooks; the base weights never
+require grad. Then ``U, S, V = svd_lowrank(G)`` (``G * M`` with ``mask_gradient``),
+``lora_A = V[:, :r].T`` and ``lora_B = 0``, so the model's output at step 0 is unchanged.
+
+Streaming: a dense ``d_out x d_in`` float32 accumulator per layer is the memory cost, so layers are
+processed in groups whose accumulators fit in ``max_gradient_bytes`` and the batches are run again
+for every group. With a budget larger than all layers together (the default for small models) that
+is one pass; with a small budget it is one pass per layer: less memory, more compute (a forward and
+backward per group). The batches are kept in a list (at most ``samples`` examples) to be re-run.
+
+The model runs in eval mode during the init (no dropout: the init is deterministic given the data
+and the RNG of ``svd_lowrank``); its training flag is restored afterwards.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import lors_modules
+from .config import LorsConfig
+
+__all__ = ["gradient_init", "DEFAULT_GRADIENT_BYTES"]
+
+#: Default bound on the dense gradient accumulators alive at once (float32).
+DEFAULT_GRADIENT_BYTES = 256 * 2**20
+_OVERSAMPLING = 10
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch
+    for value in values:
+        if isinstance(value, Tensor) and value.dim():
+            return value.shape[0]
+    raise TypeError(f"gradient_init: cannot tell the batch size of a {type(batch).__name__} "
+                    "(expected a tensor, a dict of tensors or a tuple of tensors)")
+
+
+def _head(batch, n: int):
+    """The first ``n`` examples of ``batch`` (tensors sliced along dim 0)."""
+    cut = lambda v: v[:n] if isinstance(v, Tensor) and v.dim() else v
+    if isinstance(batch, Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(v) for v in batch)
+
+
+def _collect(batches: Iterable, samples: int) -> List[tuple]:
+    """``[(batch, n_examples)]`` until ``samples`` examples (the last batch trimmed)."""
+    kept, total = [], 0
+    for batch in batches:
+        n = min(_batch_size(batch), samples - total)
+        if n <= 0:
+            break
+        kept.append((_head(batch, n), n))
+        total += n
+        if total >= samples:
+            break
+    return kept
+
+
+def _loss(model: nn.Module, batch, loss_fn: Optional[Callable]) -> Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    if not isinstance(batch, dict):
+        raise TypeError(f"gradient_init: batches of {type(batch).__name__} need "
+                        "loss_fn(model, batch) -> scalar loss")
+    output = model(**batch)
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None:
+        raise ValueError("gradient_init: model(**batch) returned no loss; include labels in the "
+                         "batch or pass loss_fn(model, batch)")
+    return loss
+
+
+def _groups(modules: Dict[str, nn.Module], budget: int) -> List[List[str]]:
+    groups, current, used = [], [], 0
+    for name, module in modules.items():
+        size = module.d_out * module.d_in * 4
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return groups + ([current] if current else [])
+
+
+def _accumulate(model, modules, names, kept, loss_fn, total, bar) -> Dict[str, Tensor]:
+    """Run every batch once; return ``{name: G}`` (float32) for the modules in ``names``."""
+    grads = {n: torch.zeros(modules[n].d_out, modules[n].d_in, device=modules[n].weight.device)
+             for n in names}
+    for batch, n in kept:
+        captured = []  # (name, x, probe) per call: a module may run more than once per forward
+
+        def make_hook(name):
+            def hook(module, args, output):
+                # y + 0 keeps the graph, and d loss / d probe = d loss / d y exactly.
+                probe = torch.zeros_like(output, requires_grad=True)
+                captured.append((name, args[0].detach(), probe))
+                return output + probe
+            return hook
+
+        handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
+        try:
+            with torch.enable_grad():
+                loss = _loss(model, batch, loss_fn)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise ValueError("gradient_init: the loss must be a scalar tensor")
+                probes = [probe for _, _, probe in captured]
+                g_out = torch.autograd.grad(loss, probes, allow_unused=True) if probes else []
+        finally:
+            for handle in handles:
+                handle.remove()
+        for (name, x, _), g in zip(captured, g_out):
+            if g is None:
+                continue
+            d_in, d_out = x.shape[-1], g.shape[-1]
+            grads[name].addmm_(g.reshape(-1, d_out).t().float(), x.reshape(-1, d_in).float(),
+                               alpha=n / total)
+        del captured
+        bar.update(1)
+    return grads
+
+
+@torch.no_grad()
+def _top_right_vectors(module: nn.Module, grad: Tensor, mask_gradient: bool):
+    """``(energy share of the top r, new lora_A or None when the gradient carries no signal)``."""
+    if mask_gradient:
+        grad.mul_(module.true_weight() != 0)
+    energy = float(grad.pow(2).sum())
+    if energy == 0.0 or not torch.isfinite(grad).all():
+        return 0.0, None
+    r = module.r
+    q = min(r + _OVERSAMPLING, *grad.shape)
+    _, S, V = torch.svd_lowrank(grad, q=q, niter=4)
+    return min(1.0, float(S[:r].pow(2).sum()) / energy), V[:, :r].t().to(module.lora_A.dtype)
+
+
+def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Callable] = None,
+                  config: Optional[LorsConfig] = None, samples: Optional[int] = None,
+                  mask_gradient: Optional[bool] = None, progress: bool = True,
+                  max_gradient_bytes: int = DEFAULT_GRADIENT_BYTES) -> Dict[str, float]:
+    """Set every adapter to lora_A = top-r right singular vectors of its averaged weight
+    gradient, lora_B = 0 (the model's output is unchanged).
+
+    Args:
+        model: a model with LoRS adapters (:func:`lors_fx.optimize` / ``attach_adapters``).
+        batches: iterable of batches: dicts of tensors with labels (HF style, the loss is
+            ``model(**batch).loss``) or anything ``loss_fn`` accepts. Each batch's loss must be a
+            mean over its examples. Read once; up to ``samples`` examples are kept and re-run.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (required for non-dict batches).
+        config: defaults to ``model.lors_config``; gives ``samples`` and ``mask_gradient``.
+        samples: examples to average over (default ``config.init_samples``).
+        mask_gradient: multiply the gradient by ``M = W != 0`` before the SVD
+            (default ``config.init_mask_gradient``).
+        progress: show a tqdm progress bar.
+        max_gradient_bytes: bound on the dense float32 accumulators alive at once; layers are
+            processed in groups that fit (at least one layer per group).
+
+    Returns:
+        ``{module name: share of the gradient's energy (squared Frobenius norm) in the top r}``;
+        0.0 for a layer that got no gradient (its lora_A is left as it was).
+    """
+    from tqdm.auto import tqdm
+
+    modules = lors_modules(model)
+    if not modules:
+        raise ValueError("gradient_init: model has no LoRS adapters; call optimize/attach first")
+    config = config if config is not None else getattr(model, "lors_config", None)
+    if samples is None:
+        samples = config.init_samples if config is not None else LorsConfig().init_samples
+    if mask_gradient is None:
+        mask_gradient = bool(config.init_mask_gradient) if config is not None else False
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"gradient_init: samples must be a positive int, got {samples!r}")
+    if batches is None:
+        raise ValueError("gradient_init: batches is None; pass an iterable of batches")
+    if isinstance(batches, (Tensor, dict)):
+        batches = [batches]
+    kept = _collect(batches, samples)
+    if not kept:
+        raise ValueError("gradient_init: batches is empty; pass an iterable of batches (dicts "
+                         "with labels, or anything loss_fn(model, batch) accepts)")
+    total = sum(n for _, n in kept)
+    groups = _groups(modules, max_gradient_bytes)
+    was_training = model.training
+    shares: Dict[str, float] = {}
+    new_A: Dict[str, Optional[Tensor]] = {}
+    model.eval()
+    bar = tqdm(total=len(groups) * len(kept), desc="gradient init", disable=not progress,
+               leave=False)
+    try:
+        for names in groups:
+            grads = _accumulate(model, modules, names, kept, loss_fn, total, bar)
+            for name in names:
+                shares[name], new_A[name] = _top_right_vectors(modules[name], grads.pop(name),
+                                                               mask_gradient)
+    finally:
+        bar.close()
+        model.train(was_training)
+    with torch.no_grad():  # only now, so that a failure above leaves the adapters untouched
+        for name, module in modules.items():
+            if new_A[name] is not None:
+                module.lora_A.copy_(new_A[name])
+            module.lora_B.zero_()
+    return shares
