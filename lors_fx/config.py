@@ -43,7 +43,7 @@ def parse_checkpoint_policy(policy: str) -> tuple[str, int]:
                 number = float(match.group(1))
             except ValueError:
                 number = -1.0
-            if number >= 0:
+            if 0 <= number and math.isfinite(number * _SIZE_SUFFIX[match.group(2)]):
                 return "budget", int(number * _SIZE_SUFFIX[match.group(2)])
     raise ValueError(f"LorsConfig.checkpoint: expected one of {CHECKPOINT_POLICIES} "
                      f"(k >= 1, bytes >= 0 with optional KiB/MiB/GiB), got {policy!r}")
@@ -129,9 +129,11 @@ class LorsConfig:
         if self.init not in INIT_MODES:
             fail("init", f"must be one of {INIT_MODES}, got {self.init!r}")
         if self.chunk_bytes is not None and (not isinstance(self.chunk_bytes, int)
+                                             or isinstance(self.chunk_bytes, bool)
                                              or self.chunk_bytes <= 0):
             fail("chunk_bytes", f"must be None or a positive int, got {self.chunk_bytes!r}")
-        if not isinstance(self.init_samples, int) or self.init_samples < 1:
+        if not isinstance(self.init_samples, int) or isinstance(self.init_samples, bool) \
+                or self.init_samples < 1:
             fail("init_samples", f"must be a positive int, got {self.init_samples!r}")
         if not (isinstance(self.min_sparsity, (int, float)) and 0.0 < self.min_sparsity < 1.0):
             fail("min_sparsity", f"must be in (0, 1), got {self.min_sparsity!r}")
