@@ -88,7 +88,8 @@ def _linear_weights(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """``(name, weight as (d_out, d_in))`` for every nn.Linear and GPT-2 Conv1D (stored d_in x
     d_out, so transposed here: N:M runs along the input dim)."""
     for name, module in model.named_modules():
-        is_conv1d = type(module).__name__ == "Conv1D"
+        # LorsConv1D keeps Conv1D's stored (d_in, d_out) layout.
+        is_conv1d = type(module).__name__ in ("Conv1D", "LorsConv1D")
         if not (isinstance(module, nn.Linear) or is_conv1d):
             continue
         weight = getattr(module, "weight", None)
