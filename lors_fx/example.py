@@ -10,33 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
+from .prune import magnitude_prune_
+
 __all__ = ["magnitude_prune_", "build_toy_llama", "toy_batches", "run_example",
            "add_arguments", "run"]
-
-
-@torch.no_grad()
-def magnitude_prune_(model: nn.Module, sparsity: float = 0.5,
-                     exclude: Sequence[str] = ("lm_head",)) -> Dict[str, float]:
-    """Zero the smallest-magnitude ``sparsity`` share of every row of every ``nn.Linear`` (in place)
-    whose name does not end with one of ``exclude``; returns ``{name: sparsity}``."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"magnitude_prune_: sparsity must be in [0, 1), got {sparsity!r}")
-    pruned = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(name.endswith(e) for e in exclude):
-            continue
-        weight = module.weight
-        k = int(weight.shape[1] * sparsity)
-        if k:
-            smallest = weight.abs().argsort(dim=1)[:, :k]
-            weight.scatter_(1, smallest, 0.0)
-        pruned[name] = float((weight == 0).float().mean())
-    return pruned
 
 
 def build_toy_llama(seed: int = 0, sparsity: float = 0.5) -> nn.Module:
