@@ -4,10 +4,19 @@ Public API: :class:`LorsConfig`, :func:`optimize`, :func:`merge`, :func:`save_ad
 :func:`load_adapters`, :func:`gradient_init`, :func:`report`, and the op
 :func:`lors_fx.ops.sparse_lora_linear`.
 """
-from . import ops
-from .config import LorsConfig
-from .sparsity import audit, snapshot_masks, sparsity_report
-
 __version__ = "0.1.0"
 
-__all__ = ["LorsConfig", "ops", "audit", "snapshot_masks", "sparsity_report", "__version__"]
+from . import ops
+from .adapters import LorsConv1D, LorsLinear, attach_adapters, find_targets, merge
+from .serialization import load_adapter_config, load_adapters, save_adapters
+from .config import LorsConfig
+from .init import gradient_init
+from .optimize import is_optimized, lors_modules, optimize
+from .sparsity import audit, snapshot_masks, sparsity_report
+
+__all__ = ["LorsConfig", "ops", "audit", "snapshot_masks", "sparsity_report", "__version__",
+           "optimize", "is_optimized", "lors_modules", "merge", "save_adapters", "load_adapters",
+           "load_adapter_config", "gradient_init", "attach_adapters", "find_targets",
+           "LorsLinear", "LorsConv1D", "backend", "report"]
+from .backend import backend
+from .report import report

@@ -89,7 +89,9 @@ class _LorsMixin:
 
     def _adapted(self, x: Tensor) -> Tensor:
         weight, bias, s = self.true_weight(), self.bias, self.scaling
-        if self.emit_reference:
+        # The naive form exists only for the compiler's passes to rewrite: outside a dynamo trace
+        # (eval, generate, a deep copy) it would save W', so the op runs instead.
+        if self.emit_reference and torch.compiler.is_compiling():
             if self._uses_dropout():
                 return reference_sparse_lora_dropout_form(x, weight, self.lora_A, self.lora_B,
                                                           bias, s, self.lora_dropout)

@@ -39,7 +39,8 @@ aten = torch.ops.aten
 
 # (call_function targets, call_method names) per op
 _OPS: Dict[str, Tuple[frozenset, frozenset]] = {
-    "linear": (frozenset({torch._C._nn.linear, F.linear, aten.linear.default}), frozenset()),
+    # F.linear is torch._C._nn.linear, the target dynamo records.
+    "linear": (frozenset({F.linear, aten.linear.default}), frozenset()),
     "matmul": (frozenset({operator.matmul, torch.matmul, torch.mm, aten.mm.default,
                           aten.matmul.default}), frozenset({"matmul", "mm", "__matmul__"})),
     "mul": (frozenset({operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}),

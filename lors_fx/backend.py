@@ -1,0 +1,469 @@
+"""The lors torch.compile backend and :func:`compile_model`.
+
+Per dynamo graph the backend runs::
+
+    dynamo graph (torch IR, parameters as placeholders)
+      -> forward passes: annotate_sparse_linears, rewrite_masked_adapters[, convert_peft_lora]
+      -> aot_autograd: joint graph
+           -> partition_fn: insert_checkpoints (policy != "none"), then the min-cut partitioner
+           -> saved_tensor_report on the partitioned forward
+      -> fw/bw compilers: "eager" (run the GraphModules) or "inductor"
+
+and records everything in a :class:`LorsCompileState` (per graph: pass results, sites, saved
+tensors before and after the rewrite, the forward and backward GraphModules; graph breaks,
+recompiles). "Before" is the same dynamo graph without the forward passes, traced and partitioned
+once more (with the same joint-graph passes) only to list what it would save; it is never
+compiled or run. ``report_before=False`` skips it.
+
+Why the rewrite matters: torch's partitioners save ``W'`` (a dense d_out x d_in tensor per adapted
+linear) for the naive masked form; the lors op is opaque to them and saves only ``x``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from . import _torch_private as private
+from .config import LorsConfig, parse_checkpoint_policy
+from .passes.manager import PassContext, PassResult, SparseSite, run_passes
+
+__all__ = ["backend", "compile_model", "decompile_model", "LorsCompileState", "GraphRecord",
+           "default_forward_passes", "STATE_ATTR"]
+
+#: Attribute of a compiled model holding its :class:`LorsCompileState`.
+STATE_ATTR = "_lors_state"
+
+
+@dataclass
+class GraphRecord:
+    """What the backend did to one dynamo graph."""
+
+    index: int
+    compile_id: Optional[tuple] = None      # (frame_id, frame_compile_id)
+    recompile: bool = False
+    passes: List[PassResult] = field(default_factory=list)        # forward passes
+    joint_passes: List[PassResult] = field(default_factory=list)  # on the joint graph
+    sites: Dict[str, SparseSite] = field(default_factory=dict)
+    saved_before: Optional[PassResult] = None
+    saved_after: Optional[PassResult] = None
+    dynamo_graph: Optional[fx.GraphModule] = None   # after the forward passes
+    forward: Optional[fx.GraphModule] = None        # partitioned (or inference) forward
+    backward: Optional[fx.GraphModule] = None
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class LorsCompileState:
+    """Everything the backend and :func:`compile_model` recorded for one model (or backend)."""
+
+    config: Optional[LorsConfig] = None
+    graphs: List[GraphRecord] = field(default_factory=list)
+    graph_breaks: int = 0
+    graph_break_reasons: Dict[str, int] = field(default_factory=dict)
+    fallback: Optional[str] = None        # why the model runs the eager op path, if it does
+    notes: List[str] = field(default_factory=list)
+    original_forward: Optional[Callable] = None
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled because a guard of an already compiled frame failed."""
+        return sum(record.recompile for record in self.graphs)
+
+    def __deepcopy__(self, memo):
+        # A deep copy of a compiled model is an uncompiled-looking copy: GraphModules hold fake
+        # tensors and the original forward is bound to the old model, so share nothing.
+        return LorsCompileState(config=self.config, notes=list(self.notes) +
+                                ["copied from a compiled model: the copy runs uncompiled"])
+
+
+def default_forward_passes(config: Optional[LorsConfig]) -> List[Callable]:
+    """The forward passes the backend runs: annotate, rewrite, and (opt-in) PEFT conversion."""
+    names = ["annotate_sparse_linears"]
+    if config is not None and config.convert_peft:
+        names.append("convert_peft_lora")
+    names.append("rewrite_masked_adapters")
+    return [getattr(importlib.import_module(f"lors_fx.passes.{n}"), n) for n in names]
+
+
+def _joint_passes(config: Optional[LorsConfig]) -> List[Callable]:
+    if config is None or parse_checkpoint_policy(config.checkpoint)[0] == "none":
+        return []
+    try:
+        module = importlib.import_module("lors_fx.passes.insert_checkpoints")
+    except ImportError as error:  # a checkpoint policy without its pass must not pass silently
+        raise RuntimeError(f"LorsConfig.checkpoint={config.checkpoint!r} needs "
+                           f"lors_fx.passes.insert_checkpoints: {error}") from error
+    return [module.insert_checkpoints]
+
+
+def _saved_tensor_report():
+    from .passes.saved_tensor_report import saved_tensor_report
+
+    return saved_tensor_report
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph (nodes and meta dicts) is independent of ``gm``'s; attributes shared."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def _input_names(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 model: Optional[nn.Module]):
+    """``(placeholder_params, input_names)`` from the identity of dynamo's example inputs.
+
+    Dynamo hands the real parameters and buffers as example inputs, in placeholder order.
+    """
+    by_id: Dict[int, str] = {}
+    if model is not None:
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            by_id.setdefault(id(tensor), name)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholder_params, input_names = {}, []
+    for node, value in zip(placeholders, example_inputs):
+        fqn = by_id.get(id(value))
+        if fqn is not None:
+            placeholder_params[node.name] = (fqn, value)
+            input_names.append(("parameter", fqn))
+        else:
+            input_names.append(("input", node.name))
+    return placeholder_params, input_names
+
+
+def _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes):
+    """Joint-graph passes, min-cut, saved-tensor report: ``(fw, bw, joint results, report)``."""
+    ctx.extra["partition_kwargs"] = dict(kwargs)
+    ctx.extra["num_fwd_outputs"] = kwargs["num_fwd_outputs"]
+    joint_results = run_passes(joint_gm, graph_passes, ctx)
+    fw_gm, bw_gm = private.min_cut_partition(joint_gm, joint_inputs, **kwargs)
+    saved = run_passes(fw_gm, [_saved_tensor_report()], ctx, validate=False)[0]
+    return fw_gm, bw_gm, joint_results, saved
+
+
+class _StopAfterPartition(Exception):
+    """Raised by the "before" partition_fn: the saved tensors are known, compile nothing."""
+
+
+def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] = None,
+            passes: Optional[Sequence[Callable]] = None,
+            joint_passes: Optional[Sequence[Callable]] = None, report_before: bool = True,
+            state: Optional[LorsCompileState] = None) -> Callable:
+    """A ``torch.compile`` backend ``(gm, example_inputs) -> callable`` for LoRS training.
+
+    Args:
+        config: the :class:`LorsConfig` (grad mode, recompute, checkpoint policy, compilers).
+        model: the module being compiled; its parameters name the graph's placeholders (without
+            it, parameters are not recognised and no site is found).
+        passes: forward passes to run instead of :func:`default_forward_passes`.
+        joint_passes: joint-graph passes instead of ``insert_checkpoints`` (when the policy is
+            not ``"none"``).
+        report_before: also list what the un-rewritten graph would save (one more trace and
+            partition per graph, nothing compiled).
+        state: where to record (default: a new :class:`LorsCompileState`).
+
+    The returned callable has the state as ``.state``.
+    """
+    config = LorsConfig() if config is None else config
+    state = LorsCompileState(config=config) if state is None else state
+    forward_passes = list(default_forward_passes(config) if passes is None else passes)
+    graph_passes = list(_joint_passes(config) if joint_passes is None else joint_passes)
+    inductor = (config.fw_compiler == "inductor", config.bw_compiler == "inductor")
+
+    def compile_graph(gm: fx.GraphModule, example_inputs):
+        start = time.perf_counter()
+        record = GraphRecord(index=len(state.graphs), compile_id=private.current_compile_id())
+        # A recompile = another graph for a frame this backend already compiled (dynamo's own
+        # frame_compile_id also counts other models whose forward shares the same code object).
+        record.recompile = record.compile_id is not None and any(
+            r.compile_id is not None and r.compile_id[0] == record.compile_id[0]
+            for r in state.graphs)
+        state.graphs.append(record)
+        placeholder_params, input_names = _input_names(gm, example_inputs, model)
+        original = _copy_graph_module(gm) if report_before else None
+        ctx = PassContext(config=config, model=model, notes=record.notes,
+                          extra={"placeholder_params": placeholder_params,
+                                 "input_names": input_names})
+        record.passes = run_passes(gm, forward_passes, ctx)
+        record.sites = dict(ctx.sites)
+        record.dynamo_graph = gm
+
+        def partition_fn(joint_gm, joint_inputs, **kwargs):
+            (record.forward, record.backward, record.joint_passes,
+             record.saved_after) = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes)
+            return record.forward, record.backward
+
+        def make_compiler(use_inductor: bool, is_backward: bool):
+            def compile_one(graph_gm, inputs):
+                if not is_backward and record.forward is None:
+                    record.forward = graph_gm  # inference graph: no partition
+                if use_inductor:
+                    return private.inductor_compiler(is_backward)(graph_gm, inputs)
+                return private.boxed(graph_gm.forward)
+            return compile_one
+
+        decompositions = private.inductor_decompositions() if any(inductor) else None
+        compiled = private.aot_backend(make_compiler(inductor[0], False),
+                                       make_compiler(inductor[1], True), partition_fn,
+                                       decompositions=decompositions)(gm, example_inputs)
+        if original is not None and record.backward is not None:
+            record.saved_before = _saved_before(original, example_inputs, config, model,
+                                                placeholder_params, input_names, graph_passes,
+                                                decompositions, record)
+        record.seconds = time.perf_counter() - start
+        return compiled
+
+    compile_graph.__name__ = compile_graph.__qualname__ = "lors_backend"
+    compile_graph.state = state
+    return compile_graph
+
+
+def _saved_before(original: fx.GraphModule, example_inputs, config, model, placeholder_params,
+                  input_names, graph_passes, decompositions, record) -> Optional[PassResult]:
+    """Trace and partition the un-rewritten graph; return its saved-tensor report."""
+    ctx = PassContext(config=config, model=model, notes=[],
+                      extra={"placeholder_params": placeholder_params,
+                             "input_names": input_names})
+    found: Dict[str, PassResult] = {}
+
+    def partition_fn(joint_gm, joint_inputs, **kwargs):
+        found["report"] = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes)[3]
+        raise _StopAfterPartition
+
+    def never_compiled(gm, inputs):  # pragma: no cover - the partition stops first
+        return private.boxed(gm.forward)
+
+    try:
+        with private.fresh_tracing(private.fake_mode_of(example_inputs)):
+            private.aot_trace(original, example_inputs, fw_compiler=never_compiled,
+                              partition_fn=partition_fn, decompositions=decompositions)
+    except _StopAfterPartition:
+        pass
+    except Exception as error:  # the measurement is a report, never a reason to fail training
+        if "report" not in found:
+            record.notes.append(f"saved_before not measured: {type(error).__name__}: {error}")
+    return found.get("report")
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_model
+# ---------------------------------------------------------------------------------------------
+
+
+def _adapter_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    from .adapters import lors_modules
+
+    return lors_modules(model)
+
+
+@contextlib.contextmanager
+def _eager_adapters(modules: Sequence[nn.Module]):
+    """Adapters call the lors op directly (the eager path) for the duration."""
+    previous = [m.emit_reference for m in modules]
+    for m in modules:
+        m.emit_reference = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, previous):
+            m.emit_reference = value
+
+
+class _CompiledForward:
+    """The forward :func:`compile_model` installs on the model (an instance attribute).
+
+    Routes each call: gradients disabled or fallen back -> the eager op path; otherwise the
+    compiled forward, watching for compile errors and graph breaks. A deep copy of the model gets
+    an eager forward (:class:`_EagerForward`) bound to the copy, never this object.
+    """
+
+    def __init__(self, model: nn.Module, state: LorsCompileState, compiled: Callable,
+                 modules: List[nn.Module], fallback_on_graph_break: bool):
+        self.model_id = id(model)
+        self.state, self.compiled, self.modules = state, compiled, modules
+        self.fallback_on_graph_break = fallback_on_graph_break
+        functools.update_wrapper(self, state.original_forward)  # keeps the signature (Trainer)
+
+    def fall_back(self, reason: str) -> None:
+        self.state.fallback = reason
+        for m in self.modules:
+            m.emit_reference = False
+        warnings.warn(f"lors_fx: the model runs the eager LoRS op path: {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+    def __call__(self, *args, **kwargs):
+        state, original = self.state, self.state.original_forward
+        if state.fallback is not None or not torch.is_grad_enabled():
+            with _eager_adapters(self.modules):
+                return original(*args, **kwargs)
+        breaks_before = private.graph_break_count()
+        reasons_before = private.graph_break_reasons()
+        failure = None
+        try:
+            output = self.compiled(*args, **kwargs)
+        except private.dynamo_error_types() as error:
+            failure = _describe_error(error)
+        if failure is not None:  # outside the except: a user error is raised without the chain
+            with _eager_adapters(self.modules):
+                output = original(*args, **kwargs)  # a user error raises here, nothing changed
+            self.fall_back(f"dynamo could not compile the forward ({failure})")
+            return output
+        if not state.graphs:
+            self.fall_back("dynamo compiled no graph for the forward (skipped frame, or its "
+                           "recompile limit reached)")
+            return output
+        breaks = private.graph_break_count() - breaks_before
+        if breaks:
+            state.graph_breaks += breaks
+            new_reasons = []
+            for reason, count in private.graph_break_reasons().items():
+                short = (str(reason).strip().splitlines() or [""])[0][:300]
+                new = count - reasons_before.get(reason, 0)
+                if new:
+                    state.graph_break_reasons[short] = state.graph_break_reasons.get(short, 0) + new
+                    new_reasons.append(short)
+            if self.fallback_on_graph_break:
+                self.fall_back(f"{breaks} graph break(s) in the compiled forward; code outside "
+                               f"the graphs would save W' (first: {new_reasons[0]})")
+        return output
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(self.model_id)
+        return _EagerForward(copy) if copy is not None else None
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _describe_error(error: BaseException) -> str:
+    """The error and, for a failing backend, what failed inside it."""
+    cause = getattr(error, "inner_exception", None) or error.__cause__
+    text = _first_line(error)
+    return text if cause is None else f"{text} caused by {_first_line(cause)}"
+
+
+class _EagerForward:
+    """The forward of a deep copy of a compiled model: the class forward, eager op path."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        functools.update_wrapper(self, type(model).forward)
+
+    def __call__(self, *args, **kwargs):
+        with _eager_adapters(list(_adapter_modules(self.model).values())):
+            return type(self.model).forward(self.model, *args, **kwargs)
+
+
+def _fresh_entry_point(forward: Callable) -> Callable:
+    """``forward`` (a bound method) re-bound to a copy of its function with its own code object.
+
+    Dynamo keeps its compiled-graph cache (and recompile limit) per code object. HF forwards of
+    different models share decorator wrappers' code, so compiling them directly would pile every
+    model's graphs onto one cache (and count them as recompiles of one another). The copy keeps
+    the same frame structure, so graph breaks are counted as for the original. Anything that is
+    not a plain bound method gets a one-line trampoline with a fresh code object instead.
+    """
+    function, owner = getattr(forward, "__func__", None), getattr(forward, "__self__", None)
+    if isinstance(function, types.FunctionType) and owner is not None:
+        clone = types.FunctionType(function.__code__.replace(), function.__globals__,
+                                   function.__name__, function.__defaults__,
+                                   function.__closure__)
+        clone.__kwdefaults__ = function.__kwdefaults__
+        functools.update_wrapper(clone, function)
+        return types.MethodType(clone, owner)
+    namespace = {"_lors_forward": forward}
+    exec("def lors_compiled_forward(*args, **kwargs):\n"  # noqa: S102 - a fixed source
+         "    return _lors_forward(*args, **kwargs)\n", namespace)
+    return namespace["lors_compiled_forward"]
+
+
+def _ignore_transformers_logging() -> None:
+    """Let dynamo skip transformers' ``logger.warning_once`` / ``warning_advice`` instead of
+    breaking the graph on them (GPT-2's loss warns through it on every traced call). Global and
+    idempotent; those messages are then not printed from inside compiled code."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    for name in ("warning_once", "warning_advice"):
+        function = getattr(hf_logging, name, None)
+        if function is not None:
+            private.ignore_logging_function(function)
+
+
+def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dynamic=None,
+                  report_before: bool = True, passes: Optional[Sequence[Callable]] = None,
+                  fallback_on_graph_break: bool = True) -> nn.Module:
+    """Compile ``model``'s forward with the lors backend, in place; returns ``model``.
+
+    - Every adapter module emits the naive form (``emit_reference=True``), which the backend's
+      passes rewrite into the lors op; HF models get ``config.use_cache = False``.
+    - The bound ``forward`` is compiled and installed as an instance attribute, so
+      ``model(...)``, training loops and the HF Trainer use it, while ``state_dict()`` keys do not
+      change (no ``_orig_mod.`` wrapper) and the forward's signature is kept.
+    - Calls with gradients disabled (evaluation, ``generate()``) run the eager path: the adapters
+      call the lors op directly. It is exact, saves nothing, and avoids a recompile per
+      generation length; the compiled path is for training steps.
+    - If dynamo cannot capture the forward (a compile error, or, with
+      ``fallback_on_graph_break``, any graph break on a call) the model falls back to the eager
+      op path for good, with a warning that says why: code outside a graph would run the naive
+      form, which saves ``W'``. The call that found the graph break has already run correctly;
+      a call whose compile failed is rerun eagerly (if that fails too, its error is raised and
+      nothing changes).
+    - A deep copy of the compiled model runs eagerly (compile the copy to compile it).
+
+    Args:
+        model: a model with LoRS adapters (:func:`lors_fx.attach_adapters`).
+        config: the :class:`LorsConfig` (default: ``model.lors_config``, else ``LorsConfig()``).
+        dynamic: passed to ``torch.compile`` (None: dynamic shapes after a recompile).
+        report_before: measure what the un-rewritten graphs would save (one side trace each).
+        passes: forward passes instead of the default ones.
+        fallback_on_graph_break: see above; ``False`` keeps the partly compiled forward.
+
+    Everything is recorded in ``model._lors_state`` (see :func:`lors_fx.report`).
+    """
+    config = getattr(model, "lors_config", None) if config is None else config
+    config = LorsConfig() if config is None else config
+    old_state = model.__dict__.get(STATE_ATTR)
+    if old_state is not None and old_state.original_forward is not None:
+        decompile_model(model)
+    modules = list(_adapter_modules(model).values())
+    state = LorsCompileState(config=config, original_forward=model.forward)
+    _ignore_transformers_logging()
+    compiled = torch.compile(_fresh_entry_point(state.original_forward), dynamic=dynamic,
+                             backend=backend(config, model=model, passes=passes,
+                                             report_before=report_before, state=state))
+    forward = _CompiledForward(model, state, compiled, modules, fallback_on_graph_break)
+    for m in modules:
+        m.emit_reference = True
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "use_cache"):
+        hf_config.use_cache = False  # the KV cache is an inference structure, not for training
+    model.__dict__[STATE_ATTR] = state
+    model.forward = forward
+    return model
+
+
+def decompile_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`compile_model`: the original forward and the eager op path (state kept)."""
+    model.__dict__.pop("forward", None)
+    for m in _adapter_modules(model).values():
+        m.emit_reference = False
+    state = model.__dict__.get(STATE_ATTR)
+    if state is not None:
+        state.original_forward = None
+    return model
