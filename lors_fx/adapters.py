@@ -314,7 +314,7 @@ def _restore(model: nn.Module) -> None:
     """Back to the plain model: eager forward, requires_grad flags as before attach."""
     state = model.__dict__.get("_lors_state")  # set by lors_fx.backend.compile_model
     if state is not None and getattr(state, "original_forward", None) is not None:
-        from .backend import decompile_model
+        from .compiled_model import decompile_model
         decompile_model(model)
     flags = getattr(model, "_lors_requires_grad", {})
     for name, param in model.named_parameters():

@@ -46,7 +46,7 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
         raise ValueError("optimize: init_data is only used with config.init='gradient' "
                          f"(config.init={config.init!r})")
     if compile:
-        from .backend import compile_model  # imported before any change to the model
+        from .compiled_model import compile_model  # imported before any change to the model
     attach_adapters(model, config)
     try:
         if config.init == "gradient":

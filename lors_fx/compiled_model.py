@@ -1,0 +1,229 @@
+"""``compile_model``: install the lors backend on a model's forward, with an eager fallback.
+
+The compiled forward is an instance attribute with the original signature (HF Trainer inspects
+it), so ``state_dict`` keys do not change. Calls with gradients disabled (eval, ``generate()``) run
+the eager op; a graph break, an empty capture or a dynamo error warns once with the reason and
+falls back to the eager op for good.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _torch_private as private
+from .backend import STATE_ATTR, LorsCompileState, backend
+from .config import LorsConfig
+
+__all__ = ["compile_model", "decompile_model"]
+
+
+def _adapter_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    from .adapters import lors_modules
+
+    return lors_modules(model)
+
+
+@contextlib.contextmanager
+def _eager_adapters(modules: Sequence[nn.Module]):
+    """Adapters call the lors op directly (the eager path) for the duration."""
+    previous = [m.emit_reference for m in modules]
+    for m in modules:
+        m.emit_reference = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, previous):
+            m.emit_reference = value
+
+
+class _CompiledForward:
+    """The forward :func:`compile_model` installs on the model (an instance attribute).
+
+    Routes each call: gradients disabled or fallen back -> the eager op path; otherwise the
+    compiled forward, watching for compile errors and graph breaks. A deep copy of the model gets
+    an eager forward (:class:`_EagerForward`) bound to the copy, never this object.
+    """
+
+    def __init__(self, model: nn.Module, state: LorsCompileState, compiled: Callable,
+                 modules: List[nn.Module], fallback_on_graph_break: bool):
+        self.model_id = id(model)
+        self.state, self.compiled, self.modules = state, compiled, modules
+        self.fallback_on_graph_break = fallback_on_graph_break
+        functools.update_wrapper(self, state.original_forward)  # keeps the signature (Trainer)
+
+    def fall_back(self, reason: str) -> None:
+        self.state.fallback = reason
+        for m in self.modules:
+            m.emit_reference = False
+        warnings.warn(f"lors_fx: the model runs the eager LoRS op path: {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+    def __call__(self, *args, **kwargs):
+        state, original = self.state, self.state.original_forward
+        if state.fallback is not None or not torch.is_grad_enabled():
+            with _eager_adapters(self.modules):
+                return original(*args, **kwargs)
+        breaks_before = private.graph_break_count()
+        reasons_before = private.graph_break_reasons()
+        failure = None
+        try:
+            output = self.compiled(*args, **kwargs)
+        except private.dynamo_error_types() as error:
+            failure = _describe_error(error)
+        if failure is not None:  # outside the except: a user error is raised without the chain
+            with _eager_adapters(self.modules):
+                output = original(*args, **kwargs)  # a user error raises here, nothing changed
+            self.fall_back(f"dynamo could not compile the forward ({failure})")
+            return output
+        if not state.graphs:
+            self.fall_back("dynamo compiled no graph for the forward (skipped frame, or its "
+                           "recompile limit reached)")
+            return output
+        breaks = private.graph_break_count() - breaks_before
+        if breaks:
+            state.graph_breaks += breaks
+            new_reasons = []
+            for reason, count in private.graph_break_reasons().items():
+                short = (str(reason).strip().splitlines() or [""])[0][:300]
+                new = count - reasons_before.get(reason, 0)
+                if new:
+                    state.graph_break_reasons[short] = state.graph_break_reasons.get(short, 0) + new
+                    new_reasons.append(short)
+            if self.fallback_on_graph_break:
+                self.fall_back(f"{breaks} graph break(s) in the compiled forward; code outside "
+                               f"the graphs would save W' (first: {new_reasons[0]})")
+        return output
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(self.model_id)
+        return _EagerForward(copy) if copy is not None else None
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _describe_error(error: BaseException) -> str:
+    """The error and, for a failing backend, what failed inside it."""
+    cause = getattr(error, "inner_exception", None) or error.__cause__
+    text = _first_line(error)
+    return text if cause is None else f"{text} caused by {_first_line(cause)}"
+
+
+class _EagerForward:
+    """The forward of a deep copy of a compiled model: the class forward, eager op path."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        functools.update_wrapper(self, type(model).forward)
+
+    def __call__(self, *args, **kwargs):
+        with _eager_adapters(list(_adapter_modules(self.model).values())):
+            return type(self.model).forward(self.model, *args, **kwargs)
+
+
+def _fresh_entry_point(forward: Callable) -> Callable:
+    """``forward`` (a bound method) re-bound to a copy of its function with its own code object.
+
+    Dynamo keeps its compiled-graph cache (and recompile limit) per code object. HF forwards of
+    different models share decorator wrappers' code, so compiling them directly would pile every
+    model's graphs onto one cache (and count them as recompiles of one another). The copy keeps
+    the same frame structure, so graph breaks are counted as for the original. Anything that is
+    not a plain bound method gets a one-line trampoline with a fresh code object instead.
+    """
+    function, owner = getattr(forward, "__func__", None), getattr(forward, "__self__", None)
+    if isinstance(function, types.FunctionType) and owner is not None:
+        clone = types.FunctionType(function.__code__.replace(), function.__globals__,
+                                   function.__name__, function.__defaults__,
+                                   function.__closure__)
+        clone.__kwdefaults__ = function.__kwdefaults__
+        functools.update_wrapper(clone, function)
+        return types.MethodType(clone, owner)
+    namespace = {"_lors_forward": forward}
+    exec("def lors_compiled_forward(*args, **kwargs):\n"  # noqa: S102 - a fixed source
+         "    return _lors_forward(*args, **kwargs)\n", namespace)
+    return namespace["lors_compiled_forward"]
+
+
+def _ignore_transformers_logging() -> None:
+    """Let dynamo skip transformers' ``logger.warning_once`` / ``warning_advice`` instead of
+    breaking the graph on them (GPT-2's loss warns through it on every traced call). Global and
+    idempotent; those messages are then not printed from inside compiled code."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    for name in ("warning_once", "warning_advice"):
+        function = getattr(hf_logging, name, None)
+        if function is not None:
+            private.ignore_logging_function(function)
+
+
+def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dynamic=None,
+                  report_before: bool = True, passes: Optional[Sequence[Callable]] = None,
+                  fallback_on_graph_break: bool = True) -> nn.Module:
+    """Compile ``model``'s forward with the lors backend, in place; returns ``model``.
+
+    - Every adapter module emits the naive form (``emit_reference=True``), which the backend's
+      passes rewrite into the lors op; HF models get ``config.use_cache = False``.
+    - The bound ``forward`` is compiled and installed as an instance attribute, so
+      ``model(...)``, training loops and the HF Trainer use it, while ``state_dict()`` keys do not
+      change (no ``_orig_mod.`` wrapper) and the forward's signature is kept.
+    - Calls with gradients disabled (evaluation, ``generate()``) run the eager path: the adapters
+      call the lors op directly. It is exact, saves nothing, and avoids a recompile per
+      generation length; the compiled path is for training steps.
+    - If dynamo cannot capture the forward (a compile error, or, with
+      ``fallback_on_graph_break``, any graph break on a call) the model falls back to the eager
+      op path for good, with a warning that says why: code outside a graph would run the naive
+      form, which saves ``W'``. The call that found the graph break has already run correctly;
+      a call whose compile failed is rerun eagerly (if that fails too, its error is raised and
+      nothing changes).
+    - A deep copy of the compiled model runs eagerly (compile the copy to compile it).
+
+    Args:
+        model: a model with LoRS adapters (:func:`lors_fx.attach_adapters`).
+        config: the :class:`LorsConfig` (default: ``model.lors_config``, else ``LorsConfig()``).
+        dynamic: passed to ``torch.compile`` (None: dynamic shapes after a recompile).
+        report_before: measure what the un-rewritten graphs would save (one side trace each).
+        passes: forward passes instead of the default ones.
+        fallback_on_graph_break: see above; ``False`` keeps the partly compiled forward.
+
+    Everything is recorded in ``model._lors_state`` (see :func:`lors_fx.report`).
+    """
+    config = getattr(model, "lors_config", None) if config is None else config
+    config = LorsConfig() if config is None else config
+    old_state = model.__dict__.get(STATE_ATTR)
+    if old_state is not None and old_state.original_forward is not None:
+        decompile_model(model)
+    modules = list(_adapter_modules(model).values())
+    state = LorsCompileState(config=config, original_forward=model.forward)
+    _ignore_transformers_logging()
+    compiled = torch.compile(_fresh_entry_point(state.original_forward), dynamic=dynamic,
+                             backend=backend(config, model=model, passes=passes,
+                                             report_before=report_before, state=state))
+    forward = _CompiledForward(model, state, compiled, modules, fallback_on_graph_break)
+    for m in modules:
+        m.emit_reference = True
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "use_cache"):
+        hf_config.use_cache = False  # the KV cache is an inference structure, not for training
+    model.__dict__[STATE_ATTR] = state
+    model.forward = forward
+    return model
+
+
+def decompile_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`compile_model`: the original forward and the eager op path (state kept)."""
+    model.__dict__.pop("forward", None)
+    for m in _adapter_modules(model).values():
+        m.emit_reference = False
+    state = model.__dict__.get(STATE_ATTR)
+    if state is not None:
+        state.original_forward = None
+    return model
