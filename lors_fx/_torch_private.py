@@ -296,3 +296,12 @@ def ignore_logging_function(function: Callable) -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.ignore_logging_functions.add(function)
+
+
+def specialize_floats():
+    """Context in which dynamo bakes Python floats (an adapter's ``scaling``) into the graph as
+    constants. Without it, a second model with another ``scaling`` makes dynamo turn the float
+    into a graph input (``.item()``) and the rewrite no longer sees a constant scale."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(specialize_float=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -194,6 +195,12 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
                                  "input_names": input_names})
         record.passes = run_passes(gm, forward_passes, ctx)
         record.sites = dict(ctx.sites)
+        missed = sorted(fqn for fqn, site in ctx.sites.items()
+                        if site.rank is not None and not site.rewritten)
+        if missed:  # the naive form stays in the graph and saves W': never silently
+            warnings.warn(f"lors_fx: {len(missed)} adapted linear(s) not rewritten to the lors op "
+                          f"(they keep the naive form and save W'): {missed[:4]}; notes: "
+                          f"{record.notes[:2]}", RuntimeWarning, stacklevel=2)
         record.dynamo_graph = gm
 
         def partition_fn(joint_gm, joint_inputs, **kwargs):

@@ -73,7 +73,8 @@ class _CompiledForward:
         reasons_before = private.graph_break_reasons()
         failure = None
         try:
-            output = self.compiled(*args, **kwargs)
+            with private.specialize_floats():
+                output = self.compiled(*args, **kwargs)
         except private.dynamo_error_types() as error:
             failure = _describe_error(error)
         if failure is not None:  # outside the except: a user error is raised without the chain

@@ -174,6 +174,23 @@ def _adapted_mlp(config, seed=0):
     return model
 
 
+def test_second_model_with_another_scaling_is_rewritten_too():
+    """Dynamo would turn a float that changes between models (``scaling``) into a graph input;
+    the rewrite needs it constant. Both models, compiled in one process, must be rewritten, and
+    no "not rewritten" warning may fire."""
+    import warnings
+
+    x = torch.randn(T, SIZES[0])
+    for r, alpha in ((4, 8.0), (2, 3.0)):
+        config = LorsConfig(r=r, lora_alpha=alpha)
+        model = compile_model(_adapted_mlp(config), config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            model(x).sum().backward()
+        result = report(model)
+        assert result.rewritten == len(result.sites) == 3, (r, alpha)
+
+
 def test_compile_model_matches_eager_and_keeps_state_dict_keys():
     config = LorsConfig(r=4)
     model = _adapted_mlp(config)
