@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS = {
     "example": ("lors_fx.example", "train a tiny pruned Llama with LoRS and audit its sparsity"),
+    "inspect": ("lors_fx.cli_inspect", "show what the LoRS passes did to a model's graphs"),
+    "prune": ("lors_fx.prune", "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
 }
 
 

@@ -19,7 +19,7 @@ import torch
 import lors_fx
 from lors_fx import LorsConfig, audit, lors_modules, merge, optimize, snapshot_masks
 
-from _hf_models import build_model, random_batch
+from lors_fx.tiny_models import build_model, random_batch
 
 CASES = [("llama", "50%"), ("qwen2", "50%"), ("mistral", "50%"), ("gemma3", "50%"),
          ("gpt2", "50%"), ("llama", "2:4"), ("gpt2", "2:4")]

@@ -1,0 +1,391 @@
+"""``lors-fx inspect MODEL``: show what the LoRS passes did to a model's graphs.
+
+    lors-fx inspect MODEL [--sparsity 0.5 | --pattern 2:4] [--r 16] [--grad-mode lors|exact]
+                    [--checkpoint none|block|every:K|budget:BYTES] [--batch 2 --seq 64]
+                    [--dtype float32|bfloat16|float16] [--meta]
+                    [--show summary,sites,passes,saved,graph,diff] [--graph forward|backward]
+                    [--dot FILE] [--json FILE] [--no-progress]
+
+MODEL is a built-in tiny architecture (``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``,
+``tiny-gemma3``, ``tiny-gpt2``), ``smollm2`` (the embedded real model), a local Hugging Face
+model directory, or a config JSON (HF ``config.json`` form, with ``model_type``). A dense model is
+magnitude-pruned on the fly (per output row) to ``--sparsity`` (default 0.5) or ``--pattern``; an
+already sparse one (every target linear at least ``LorsConfig.min_sparsity`` zeros) is used as is.
+The run attaches adapters (:func:`lors_fx.optimize`), compiles with the lors backend, runs one
+training step (forward + backward on a random ``--batch x --seq`` batch with labels) and reads
+:func:`lors_fx.report`. ``--meta`` builds the model on the meta device from its config only (no
+weights, seconds even for 7B): every target linear is treated as pruned as requested and the saved
+bytes are theoretical (formula in :mod:`lors_fx.cli_inspect_meta`); nothing is compiled.
+
+``--show`` takes one or more comma-separated views: ``summary`` (default), ``sites``, ``passes``,
+``saved``, ``graph`` (the emitted ``--graph forward|backward`` GraphModule, with shapes), ``diff``
+(forward: the dynamo graph before vs after the forward passes; backward: the backward the naive
+masked form compiles to, from one more compile and step without the rewrite, vs the emitted one).
+Exit codes: 0 ok, 2 bad arguments (one line on stderr), 1 failure (one line with the reason).
+
+``--json FILE`` keys (stable; ``null`` where unknown or not applicable)::
+
+    schema            "lors_fx.inspect/1"
+    model             {name, source, kind, architecture, parameters, dtype, meta}
+    pruning           {applied, method, sparsity, pattern, note}
+    config            LorsConfig.to_dict()
+    step              {batch, seq, tokens}
+    theoretical       true on --meta (no measured numbers, no passes, no graphs)
+    sites             [{fqn, shape, sparsity, pattern, rank, grad_mode, rewritten,
+                        naive_saved_bytes, lors_saved_bytes}]
+    passes            [{graph, name, count, nodes_created, nodes_erased, seconds}]
+    saved             {before_bytes, after_bytes, ratio, before: [row], after: [row],
+                       naive_theoretical_bytes, lors_theoretical_bytes}
+                      row = {graph, name, source, shape, dtype, bytes, kind, view_of}
+    graphs            [{index, forward_nodes, backward_nodes}]
+    graph_breaks, recompiles, compiled, fallback
+    code              {forward, backward, diff_forward, diff_backward}: readable code and
+                      unified diffs (null on --meta; diff_backward only with --show diff
+                      --graph backward, which costs one more compile and step)
+    notes             [str]
+    seconds           {stage: seconds}
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx
+
+from . import cli_inspect_meta as meta_tools
+from .cli_inspect_meta import BadArgument
+from .passes.manager import SITE_META_KEY
+
+__all__ = ["add_arguments", "run", "validate", "inspect_model", "render", "dot_text",
+           "SHOW_CHOICES"]
+
+SHOW_CHOICES = ("summary", "sites", "passes", "saved", "graph", "diff")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser) -> None:
+    """The ``inspect`` arguments. Values are checked by :func:`validate` (one-line errors)."""
+    parser.add_argument("model", metavar="MODEL", help="tiny-llama|tiny-qwen2|tiny-mistral|"
+                        "tiny-gemma3|tiny-gpt2, smollm2, a HF model directory or a config JSON")
+    parser.add_argument("--sparsity", default=None, help="magnitude-prune a dense model to this "
+                        "fraction per row, 0 < s < 1 (default 0.5)")
+    parser.add_argument("--pattern", default=None, help="magnitude-prune to N:M along the input "
+                        "dim instead (e.g. 2:4)")
+    parser.add_argument("--r", default="16", help="adapter rank (default 16)")
+    parser.add_argument("--grad-mode", default="lors", help="lors (default) or exact")
+    parser.add_argument("--checkpoint", default="none",
+                        help="none (default), block, every:K or budget:BYTES")
+    parser.add_argument("--batch", default="2", help="batch size of the training step (2)")
+    parser.add_argument("--seq", default="64", help="sequence length of the training step (64)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    parser.add_argument("--meta", action="store_true", help="build on the meta device from the "
+                        "config only: sites and theoretical saved bytes, no weights, no compile")
+    parser.add_argument("--show", default="summary", help="comma-separated: summary (default), "
+                        "sites, passes, saved, graph, diff")
+    parser.add_argument("--graph", default="forward", help="forward (default) or backward, for "
+                        "--show graph/diff")
+    parser.add_argument("--dot", default=None, metavar="FILE",
+                        help="write a Graphviz DOT file of the rewritten region")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="write everything as JSON (keys: see the module docstring)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _number(text, name: str, kind, low, high=None):
+    """``kind(text)`` checked to lie in ``[low, high]``, or in ``(low, high)`` for floats."""
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        value = None
+    if kind is int:
+        ok, bounds = value is not None and value >= low, f"an integer >= {low}"
+    else:
+        ok, bounds = value is not None and low < value < high, f"a number in ({low}, {high})"
+    if not ok:
+        raise BadArgument(f"--{name}: must be {bounds}, got {text!r}")
+    return value
+
+
+def validate(args) -> Dict[str, Any]:
+    """Check every argument; returns the parsed options or raises :class:`BadArgument`."""
+    from .config import parse_checkpoint_policy
+
+    options: Dict[str, Any] = {}
+    options["kind"], options["value"] = meta_tools.resolve_model(args.model)
+    if args.sparsity is not None and args.pattern is not None:
+        raise BadArgument("--sparsity and --pattern: give one of them (N:M implies its sparsity)")
+    options["sparsity"] = None if args.sparsity is None else _number(
+        args.sparsity, "sparsity", float, 0, 1)
+    options["pattern"] = None
+    if args.pattern is not None:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", args.pattern)
+        if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+            raise BadArgument(f"--pattern: expected N:M with 0 < N < M (e.g. 2:4), "
+                              f"got {args.pattern!r}")
+        options["pattern"] = f"{int(match.group(1))}:{int(match.group(2))}"
+    options["r"] = _number(args.r, "r", int, 1)
+    options["batch"] = _number(args.batch, "batch", int, 1)
+    options["seq"] = _number(args.seq, "seq", int, 2)
+    if args.grad_mode not in ("lors", "exact"):
+        raise BadArgument(f"--grad-mode: expected lors or exact, got {args.grad_mode!r}")
+    try:
+        parse_checkpoint_policy(args.checkpoint)
+    except ValueError:
+        raise BadArgument(f"--checkpoint: expected none, block, every:K (K >= 1) or "
+                          f"budget:BYTES (e.g. budget:512MiB), got {args.checkpoint!r}") from None
+    if args.dtype not in _DTYPES:
+        raise BadArgument(f"--dtype: expected one of {', '.join(_DTYPES)}, got {args.dtype!r}")
+    show = [part.strip() for part in str(args.show).split(",") if part.strip()]
+    unknown = [part for part in show if part not in SHOW_CHOICES]
+    if not show or unknown:
+        raise BadArgument(f"--show: expected comma-separated values from "
+                          f"{', '.join(SHOW_CHOICES)}, got {args.show!r}")
+    options["show"] = list(dict.fromkeys(show))
+    if args.graph not in ("forward", "backward"):
+        raise BadArgument(f"--graph: expected forward or backward, got {args.graph!r}")
+    if args.meta and ({"graph", "diff"} & set(show) or args.dot):
+        raise BadArgument("--meta: no graphs are compiled on the meta device; --show graph/diff "
+                          "and --dot need a run without --meta")
+    return options
+
+
+def inspect_model(model: str, **kwargs):
+    """Run the inspection of ``model`` (a MODEL argument) and return an :class:`Inspection`.
+
+    Keyword arguments as the command line's (``sparsity``, ``pattern``, ``r``, ``grad_mode``,
+    ``checkpoint``, ``batch``, ``seq``, ``dtype``, ``meta``, ``backward_before``, ``progress``).
+    """
+    from .cli_inspect_meta import run_inspection
+
+    kind, value = meta_tools.resolve_model(model)
+    return run_inspection(kind, value, name=model, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _bytes(value: Optional[int]) -> str:
+    if value is None:
+        return "unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value:,} B ({value / size:.2f} {unit})"
+    return f"{value:,} B"
+
+
+def _ratio_text(before: Optional[int], after: Optional[int]) -> str:
+    if not before or after is None:
+        return "unknown"
+    return f"{after / before:.3f}x ({before / after:.2f}x less)" if after else "0x"
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _summary(data: Dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    model, pruning, config, saved = data["model"], data["pruning"], data["config"], data["saved"]
+    rewritten = sum(bool(s["rewritten"]) for s in data["sites"])
+    rows = [["model", f"{model['name']} ({model['architecture']}, {model['source']})"],
+            ["parameters", f"{model['parameters']:,} ({model['dtype']}"
+                           f"{', meta device: no weights' if model['meta'] else ''})"],
+            ["pruning", pruning["note"]],
+            ["LoRS config", f"r={config['r']}, lora_alpha={config['lora_alpha']:g}, "
+                            f"grad_mode={config['grad_mode']}, checkpoint={config['checkpoint']}"],
+            ["training step", f"batch {data['step']['batch']} x seq {data['step']['seq']}"
+                              + (" (theoretical, not run)" if data["theoretical"] else "")]]
+    if data["theoretical"]:
+        rows.append(["sites", f"{len(data['sites'])} target linears (treated as pruned)"])
+    else:
+        rows.append(["sites", f"{len(data['sites'])} found, {rewritten} rewritten to "
+                              f"lors::sparse_lora_linear"])
+        lines = [f"{p['name']} (graph {p['graph']}): matched {p['count']}, "
+                 f"+{p['nodes_created']}/-{p['nodes_erased']} nodes, {p['seconds'] * 1e3:.1f} ms"
+                 for p in data["passes"]]
+        rows += [["passes" if i == 0 else "", line] for i, line in enumerate(lines or ["none"])]
+        rows.append(["graphs", f"{len(data['graphs'])}, graph breaks: {data['graph_breaks']}, "
+                               f"recompiles: {data['recompiles']}"
+                               + (f", fallback: {data['fallback']}" if data["fallback"] else "")])
+        rows.append(["saved for backward", f"whole graph, non-parameter, measured: before (naive "
+                     f"masked form) "
+                     f"{_bytes(saved['before_bytes'])} -> after (LoRS) "
+                     f"{_bytes(saved['after_bytes'])}: "
+                     f"{_ratio_text(saved['before_bytes'], saved['after_bytes'])}"])
+    naive, lors = saved["naive_theoretical_bytes"], saved["lors_theoretical_bytes"]
+    rows.append(["adapted linears", f"theoretical: naive masked form (x + W' + bool mask) "
+                 f"{_bytes(naive)} vs LoRS (x) {_bytes(lors)}: {_ratio_text(naive, lors)}"])
+    text = tabulate(rows, tablefmt="plain")
+    notes = "\n".join(f"note: {note}" for note in data["notes"])
+    return text + ("\n" + notes if notes else "")
+
+
+def _sites(data: Dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    rows = [[s["fqn"], _shape(s["shape"]), "-" if s["sparsity"] is None else f"{s['sparsity']:.3f}",
+             s["pattern"], s["rank"], s["grad_mode"],
+             "theoretical" if s["rewritten"] is None else ("yes" if s["rewritten"] else "no"),
+             s["naive_saved_bytes"], s["lors_saved_bytes"]] for s in data["sites"]]
+    headers = ["site", "shape", "sparsity", "N:M", "rank", "grad_mode", "rewritten",
+               "naive saves (B)", "LoRS saves (B)"]
+    return f"sites: {len(rows)}\n" + tabulate(rows, headers=headers, tablefmt="simple")
+
+
+def _passes(data: Dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    if data["theoretical"]:
+        return "passes: none run (--meta: no values to match on)"
+    rows = [[p["graph"], p["name"], p["count"], p["nodes_created"], p["nodes_erased"],
+             f"{p['seconds'] * 1e3:.2f}"] for p in data["passes"]]
+    return tabulate(rows, headers=["graph", "pass", "matched", "created", "erased", "ms"],
+                    tablefmt="simple")
+
+
+def _saved(data: Dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    saved, parts = data["saved"], []
+    headers = ["graph", "name", "shape", "dtype", "bytes", "kind"]
+    for label, key in (("before (naive masked form)", "before"), ("after (LoRS)", "after")):
+        rows = [[r["graph"], r["name"], _shape(r["shape"]), r["dtype"], r["bytes"], r["kind"]]
+                for r in saved[key]]
+        total = saved[f"{key}_bytes"]
+        title = f"saved for backward, {label}: {_bytes(total)} non-parameter" + (
+            " (theoretical)" if data["theoretical"] else "")
+        parts.append(title + "\n" + tabulate(rows, headers=headers, tablefmt="simple"))
+    parts.append(f"ratio after/before: {_ratio_text(saved['before_bytes'], saved['after_bytes'])}")
+    return "\n\n".join(parts)
+
+
+def render(data: Dict[str, Any], show: List[str], graph: str) -> str:
+    """The text of the requested ``--show`` views of an inspection's JSON data."""
+    parts = []
+    for view in show:
+        if view == "summary":
+            parts.append(_summary(data))
+        elif view == "sites":
+            parts.append(_sites(data))
+        elif view == "passes":
+            parts.append(_passes(data))
+        elif view == "saved":
+            parts.append(_saved(data))
+        elif view == "graph":
+            parts.append(data["code"][graph] or f"# no {graph} graph was compiled")
+        elif view == "diff":
+            parts.append(data["code"][f"diff_{graph}"] or f"# no {graph} diff available")
+    return "\n\n".join(part.rstrip("\n") for part in parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphviz DOT of the rewritten region (written by hand: no pydot / graphviz dependency)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_text(node: fx.Node) -> str:
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{dtype}[{', '.join(str(d) for d in value.shape)}]"
+    return ""
+
+
+def _target_text(node: fx.Node) -> str:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return node.op
+    target = node.target
+    return getattr(target, "__name__", None) or str(target)
+
+
+def _quote(text: str) -> str:
+    """A DOT quoted string; newlines become DOT's ``\\n`` line breaks."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + escaped + '"'
+
+
+def _cluster(name: str, label: str, gm: fx.GraphModule, before: bool, prefix: str) -> List[str]:
+    region, inputs = meta_tools.rewritten_region(gm, before)
+    lines = [f"  subgraph cluster_{name} {{", f"    label={_quote(label)};"]
+    members = set(region) | set(inputs)
+    for node in inputs:
+        short = node.name if len(node.name) <= 48 else "..." + node.name[-45:]
+        lines.append(f"    {prefix}{node.name} [label={_quote(short + chr(10) + _shape_text(node))}"
+                     f", shape=box, style=dashed];")
+    for node in region:
+        color = "palegreen" if meta_tools.is_lors_op(node) else (
+            "lightpink" if SITE_META_KEY not in node.meta else "lightblue")
+        label = f"{node.name}\n{_target_text(node)}\n{_shape_text(node)}"
+        site = node.meta.get(SITE_META_KEY)
+        if site is not None:
+            label += f"\n{site.fqn}"
+        lines.append(f"    {prefix}{node.name} [label={_quote(label)}, style=filled, "
+                     f"fillcolor={color}];")
+    for node in region:
+        for arg in node.all_input_nodes:
+            if arg in members:
+                lines.append(f"    {prefix}{arg.name} -> {prefix}{node.name};")
+    lines.append("  }")
+    return lines
+
+
+def dot_text(before: Optional[fx.GraphModule], after: Optional[fx.GraphModule],
+             title: str = "lors_fx rewritten region") -> str:
+    """Graphviz DOT of the rewritten region: the naive masked-adapter chains of the dynamo graph
+    before the rewrite (pink: mask, ``B@A``, scale, ``W'``; blue: the site's linear) and the
+    lors op calls after it (green); dashed boxes are the region's inputs."""
+    lines = ["digraph lors_fx {", f"  label={_quote(title)};", "  rankdir=TB;",
+             "  node [fontname=\"monospace\", fontsize=10, shape=box];"]
+    if before is not None:
+        lines += _cluster("before", "before: naive masked form (dynamo graph)", before, True,
+                          "b_")
+    if after is not None:
+        lines += _cluster("after", "after: lors::sparse_lora_linear (rewritten dynamo graph)",
+                          after, False, "a_")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    """Run ``lors-fx inspect``: 0 ok, 2 bad arguments, 1 failure (one line on stderr each)."""
+    try:
+        options = validate(args)
+    except BadArgument as error:
+        print(f"lors-fx inspect: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        from .cli_inspect_meta import run_inspection
+
+        result = run_inspection(
+            options["kind"], options["value"], name=args.model, sparsity=options["sparsity"],
+            pattern=options["pattern"], r=options["r"], grad_mode=args.grad_mode,
+            checkpoint=args.checkpoint, batch=options["batch"], seq=options["seq"],
+            dtype=args.dtype, meta=args.meta,
+            backward_before="diff" in options["show"] and args.graph == "backward",
+            progress=not args.no_progress)
+        data = result.data
+        if args.dot:
+            with open(args.dot, "w", encoding="utf-8") as handle:
+                handle.write(dot_text(result.graphs.get("before"),
+                                                 result.graphs.get("after"),
+                                                 f"lors_fx inspect {args.model}"))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2, sort_keys=True, default=str)
+                handle.write("\n")
+        sys.stdout.write(render(data, options["show"], args.graph))
+    except BadArgument as error:  # found late (e.g. --seq longer than the model allows)
+        print(f"lors-fx inspect: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a failure: one line with the reason
+        first = (str(error).strip().splitlines() or [""])[0]
+        first = first if len(first) <= 300 else first[:297] + "..."
+        print(f"lors-fx inspect: error: {type(error).__name__}: {first}", file=sys.stderr)
+        return 1
+    return 0
