@@ -43,22 +43,34 @@ def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).sum().item()) / numel
 
 
-def detect_nm(weight: torch.Tensor) -> Optional[str]:
+def _holds_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
+    d_out, d_in = nonzero.shape
+    if d_in % m:
+        return False
+    # Most weights fail on their first rows: check a few before paying for the whole weight.
+    for rows in (nonzero[:16], nonzero):
+        per_group = rows.reshape(rows.shape[0], d_in // m, m).sum(-1, dtype=torch.int32)
+        if not bool((per_group <= n).all()):
+            return False
+    return True
+
+
+def detect_nm(weight: torch.Tensor, sparsity: Optional[float] = None) -> Optional[str]:
     """The tightest ``"N:M"`` in :data:`NM_PATTERNS` that holds exactly along the input dim.
 
     A 2-D weight ``(d_out, d_in)`` satisfies N:M when ``d_in % M == 0`` and every group of M
     consecutive inputs of every row has at most N nonzeros. Returns None when none holds (or
-    the weight is not 2-D).
+    the weight is not 2-D). ``sparsity`` (the weight's zero fraction, if already known) lets
+    patterns that need more zeros than the weight has be skipped without a scan.
     """
-    if weight.dim() != 2:
+    if weight.dim() != 2 or weight.numel() == 0:
         return None
-    d_out, d_in = weight.shape
+    sparsity = sparsity_of(weight) if sparsity is None else sparsity
     nonzero = weight != 0
     for n, m in NM_PATTERNS:
-        if d_in % m:
+        if 1.0 - n / m > sparsity + 1e-12:  # N:M forces at least (M-N)/M zeros
             continue
-        per_group = nonzero.reshape(d_out, d_in // m, m).sum(-1)
-        if bool((per_group <= n).all()):
+        if _holds_nm(nonzero, n, m):
             return f"{n}:{m}"
     return None
 
@@ -66,10 +78,10 @@ def detect_nm(weight: torch.Tensor) -> Optional[str]:
 def pattern_of(weight: torch.Tensor) -> str:
     """``"N:M"`` when an N:M pattern holds exactly, ``"dense"`` with no zeros, else
     ``"unstructured"``."""
-    nm = detect_nm(weight)
-    if nm is not None and sparsity_of(weight) > 0:
-        return nm
-    return "dense" if sparsity_of(weight) == 0 else "unstructured"
+    sparsity = sparsity_of(weight)
+    if sparsity == 0:
+        return "dense"
+    return detect_nm(weight, sparsity) or "unstructured"
 
 
 @dataclass
