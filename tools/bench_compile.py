@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Training-step cost of LoRS (compiled and eager) against naive SQFT and dense LoRA.
+
+Usage::
+
+    python tools/bench_compile.py [--layers N --hidden H --intermediate I --seq T --r R
+                                   --repeats K --warmup W --compiler inductor|eager
+                                   --checkpoint POLICY --threads N --json FILE]
+
+One process, one tiny Llama (``transformers.LlamaConfig`` from the flags, weights random, every
+``nn.Linear`` but ``lm_head`` 50% magnitude-pruned per row), one copy per method:
+
+- ``lors_fx compiled``: ``lors_fx.optimize(model, cfg, compile=True)`` (the lors backend; its
+  graphs run with ``--compiler``: ``eager`` runs the aot GraphModules, ``inductor`` compiles them).
+- ``lors_fx eager op``: ``optimize(..., compile=False)``: the custom op, no torch.compile.
+- ``SQFT naive compiled``: ``W' = W + s (B A) * M`` in plain torch (autograd keeps ``W'``) under
+  ``torch.compile`` (``--compiler inductor``: the default inductor backend; ``eager``: the
+  ``aot_eager`` backend, i.e. the same min-cut partition without code generation).
+- ``dense LoRA compiled``: ``y = x W^T + s (x A^T) B^T`` (not sparsity-preserving), same compiler:
+  the speed reference.
+- with ``--checkpoint POLICY``: ``lors_fx compiled`` again with ``LorsConfig.checkpoint=POLICY``.
+
+Per method: the first step's time (compile included), the median (and the minimum: on a shared
+machine the least disturbed step) step time (forward + backward + AdamW step) over ``--repeats``
+steps taken *interleaved* across methods after ``--warmup`` steps, the median process CPU time
+per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
+a shared machine), their ratios to dense LoRA, the bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``
+on one forward; storages deduplicated, parameters and buffers excluded by storage pointer; for a
+compiled graph the hook sees what the compiled autograd function saves), and the step's peak
+memory: the high-water mark of live tensor bytes above the step's starting level, from
+``torch.profiler`` memory events of one steady-state step (in process: it counts allocations made
+inside the step only, so the methods do not disturb each other; ``ru_maxrss`` is a process-wide
+high-water mark that warm-up and the other methods would already have set). A method that cannot
+run (a module missing, an error) gets a row ``unavailable: <reason>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from tabulate import tabulate
+except ImportError:  # pragma: no cover - tabulate is a dependency; keep the tool usable anyway
+    tabulate = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(args, seed: int = 0) -> nn.Module:
+    """A tiny Llama with every non-``lm_head`` linear 50% magnitude-pruned per row, all frozen."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, use_cache=False,
+        max_position_embeddings=max(2048, args.seq))
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not name.endswith("lm_head"):
+                weight = module.weight
+                k = int(weight.shape[1] * args.sparsity)
+                if k > 0:
+                    threshold = weight.abs().kthvalue(k, dim=1, keepdim=True).values
+                    weight.masked_fill_(weight.abs() <= threshold, 0.0)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+class _Adapter(nn.Module):
+    """A frozen linear plus PEFT-initialised adapters (``lora_A`` Kaiming, ``lora_B`` zeros)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.scaling = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
+class NaiveMaskedAdapter(_Adapter):
+    """SQFT's masked adapter in plain torch: autograd keeps ``W'`` for backward."""
+
+    def forward(self, x):
+        from lors_fx.ops import reference_sparse_lora_linear
+
+        return reference_sparse_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias,
+                                            self.scaling)
+
+
+class DenseLora(_Adapter):
+    """PEFT LoRA: ``x W^T + b + s (x A^T) B^T`` (merging it would fill the pruned zeros)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(
+            F.linear(x, self.lora_A), self.lora_B)
+
+
+def swap_linears(model: nn.Module, cls, r: int, alpha: float) -> List[str]:
+    """Replace every sparse ``nn.Linear`` (not ``lm_head``) by ``cls(base, r, alpha)``."""
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and not n.endswith("lm_head") and bool((m.weight == 0).any())]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, cls(getattr(owner, child), r, alpha))
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: each returns a model whose trainable parameters are the adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def _lors_config(args, checkpoint: str = "none"):
+    from lors_fx.config import LorsConfig
+
+    compiler = "inductor" if args.compiler == "inductor" else "eager"
+    return LorsConfig(r=args.r, lora_alpha=2.0 * args.r, checkpoint=checkpoint,
+                      fw_compiler=compiler, bw_compiler=compiler)
+
+
+def setup_lors(args, compile: bool, checkpoint: str = "none") -> nn.Module:
+    """``lors_fx.optimize(model, cfg, compile=...)``."""
+    try:
+        from lors_fx.optimize import optimize
+    except ImportError as error:
+        raise RuntimeError(f"lors_fx.optimize not importable ({error})") from error
+    model = build_model(args)
+    return optimize(model, _lors_config(args, checkpoint), compile=compile)
+
+
+def setup_baseline(args, cls) -> nn.Module:
+    """Adapters of ``cls`` under ``torch.compile`` (inductor, or aot_eager with --compiler eager)."""
+    model = build_model(args)
+    swap_linears(model, cls, args.r, 2.0 * args.r)
+    backend = "inductor" if args.compiler == "inductor" else "aot_eager"
+    model.forward = torch.compile(model.forward, backend=backend)
+    return model
+
+
+def methods(args) -> Dict[str, Callable[[], nn.Module]]:
+    """Name -> zero-argument builder, in table order (dense LoRA last: it is the reference)."""
+    table = {
+        "lors_fx compiled": lambda: setup_lors(args, compile=True),
+        "lors_fx eager op": lambda: setup_lors(args, compile=False),
+        "SQFT naive compiled": lambda: setup_baseline(args, NaiveMaskedAdapter),
+        "dense LoRA compiled": lambda: setup_baseline(args, DenseLora),
+    }
+    if args.checkpoint and args.checkpoint != "none":
+        table[f"lors_fx compiled, checkpoint={args.checkpoint}"] = \
+            lambda: setup_lors(args, compile=True, checkpoint=args.checkpoint)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """One method's model, optimizer and batch; ``step()`` is forward + backward + AdamW step."""
+
+    def __init__(self, model: nn.Module, batch: dict):
+        self.model = model
+        self.batch = batch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise RuntimeError("no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+
+    def loss(self):
+        return self.model(**self.batch).loss
+
+    def step(self) -> float:
+        loss = self.loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def saved_bytes(self) -> int:
+        """Bytes of the storages one forward saves for backward, parameters/buffers excluded."""
+        excluded = {t.untyped_storage().data_ptr()
+                    for t in list(self.model.parameters()) + list(self.model.buffers())}
+        seen: Dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.loss()
+        del loss
+        return sum(seen.values())
+
+    def peak_bytes(self) -> int:
+        """High-water mark of live tensor bytes during one step, above the level at its start."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        level = peak = 0
+        for _, nbytes in events:
+            level += nbytes
+            peak = max(peak, level)
+        return peak
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def run(args) -> dict:
+    """Build every method, warm up, time interleaved steps, measure memory; return the results."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    batch = {"input_ids": ids, "labels": ids}
+    rows: Dict[str, dict] = {}
+    runners: Dict[str, Runner] = {}
+    for name, build in methods(args).items():
+        row = rows.setdefault(name, {"method": name})
+        try:
+            start = time.perf_counter()
+            runner = Runner(build(), batch)
+            row["first_loss"] = runner.step()
+            row["first_step_s"] = time.perf_counter() - start
+            for _ in range(args.warmup):
+                runner.step()
+            state = runner.model.__dict__.get("_lors_state")
+            if state is not None and getattr(state, "fallback", None):
+                row["note"] = f"fell back to eager: {state.fallback}"
+            runners[name] = runner
+        except Exception as error:  # a row says why, the other methods still run
+            row["unavailable"] = _reason(error)
+            if args.verbose:
+                traceback.print_exc()
+        print(f"  built {name}: " + (row.get("unavailable") or
+                                     f"first step {row['first_step_s']:.1f}s"), file=sys.stderr)
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    cpu_times: Dict[str, List[float]] = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, runner in runners.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            runner.step()
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    for name, runner in runners.items():
+        rows[name]["step_ms"] = 1e3 * statistics.median(times[name])
+        rows[name]["step_ms_min"] = 1e3 * min(times[name])
+        rows[name]["cpu_ms"] = 1e3 * statistics.median(cpu_times[name])
+        rows[name]["step_ms_all"] = [1e3 * t for t in times[name]]
+        rows[name]["saved_bytes"] = runner.saved_bytes()
+        rows[name]["peak_bytes"] = runner.peak_bytes()
+    reference = rows.get("dense LoRA compiled", {})
+    for row in rows.values():
+        if reference.get("step_ms") and "step_ms" in row:
+            row["ratio_to_lora"] = row["step_ms"] / reference["step_ms"]
+            row["ratio_to_lora_min"] = row["step_ms_min"] / reference["step_ms_min"]
+            row["cpu_ratio_to_lora"] = row["cpu_ms"] / reference["cpu_ms"]
+    return {"args": vars(args), "machine": {"python": platform.python_version(),
+                                            "torch": torch.__version__,
+                                            "threads": torch.get_num_threads(),
+                                            "processor": platform.processor() or platform.machine()},
+            "peak_memory_method": "torch.profiler memory events, one steady-state step, in process",
+            "rows": list(rows.values())}
+
+
+def format_table(result: dict) -> str:
+    """The results as a text table (tabulate's ``github`` format when available)."""
+    headers = ["method", "step ms (median)", "x LoRA", "step ms (min)", "x LoRA (min)",
+               "CPU ms (median)", "x LoRA (CPU)", "first step s", "saved MiB", "peak MiB",
+               "loss@1"]
+    lines = []
+    for row in result["rows"]:
+        if "unavailable" in row:
+            lines.append([row["method"], f"unavailable: {row['unavailable']}"] + [""] * 9)
+            continue
+        lines.append([row["method"], f"{row['step_ms']:.1f}",
+                      f"{row['ratio_to_lora']:.2f}" if "ratio_to_lora" in row else "",
+                      f"{row['step_ms_min']:.1f}",
+                      f"{row['ratio_to_lora_min']:.2f}" if "ratio_to_lora_min" in row else "",
+                      f"{row['cpu_ms']:.1f}",
+                      f"{row['cpu_ratio_to_lora']:.2f}" if "cpu_ratio_to_lora" in row else "",
+                      f"{row['first_step_s']:.1f}", f"{row['saved_bytes'] / 2**20:.2f}",
+                      f"{row['peak_bytes'] / 2**20:.2f}", f"{row['first_loss']:.4f}"])
+    if tabulate is not None:
+        return tabulate(lines, headers=headers, tablefmt="github")
+    return "\n".join(" | ".join(str(c) for c in line) for line in [headers] + lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=704)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
+                        help="inductor: default torch.compile codegen for every compiled method; "
+                             "eager: aot_eager (run the partitioned graphs as they are)")
+    parser.add_argument("--checkpoint", default="none",
+                        help="also run lors_fx compiled with this LorsConfig.checkpoint policy")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (0: torch's default); 1 is steadiest on a "
+                             "shared machine")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark, print the table, write JSON on request."""
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = run(args)
+    print(f"tiny Llama: layers={args.layers} hidden={args.hidden} intermediate="
+          f"{args.intermediate} T={args.seq} batch={args.batch} r={args.r} sparsity="
+          f"{args.sparsity}; compiler={args.compiler}; median of {args.repeats} interleaved "
+          f"steps after {args.warmup} warm-up; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"peak memory: {result['peak_memory_method']}")
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
