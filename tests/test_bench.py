@@ -1,0 +1,134 @@
+"""The benchmark harness: --quick runs end to end and writes the documented JSON (never timing)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lors_fx import bench
+from lors_fx.baselines import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(argv):
+    return bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def _check_result(result, methods):
+    assert set(bench.TOP_KEYS) <= set(result)
+    assert result["schema"] == bench.SCHEMA
+    assert result["peak_memory_method"].startswith(("cpu:", "cuda:"))
+    assert len(result["cases"]) == 1
+    case = result["cases"][0]
+    assert set(bench.CASE_KEYS) <= set(case)
+    assert [row["method"] for row in case["rows"]] == methods
+    for row in case["rows"]:
+        assert set(bench.ROW_KEYS) <= set(row), row["method"]
+        assert row["status"] == "ok", (row["method"], row["status"])
+        # a fast wrong method cannot win: fp32 against the float64 formula of the same method
+        assert row["rel_err_y"] < 1e-4 and row["rel_err_grad"] < 1e-4, row
+        assert row["step_ms"] > 0 and len(row["step_ms_all"]) == 3
+        assert row["saved_bytes"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
+        assert row["trainable_params"] > 0 and row["optimizer_state_bytes"] > 0
+    rows = {row["method"]: row for row in case["rows"]}
+    assert rows["lora"]["vs_lora"] == pytest.approx(1.0)
+    assert rows["sqft"]["saved_vs_sqft"] == pytest.approx(1.0)
+    # exact, not timing: the op saves x only (the MLP's inputs), SQFT also a dense W' per linear
+    assert rows["lors"]["saved_bytes"] < rows["sqft"]["saved_bytes"]
+    assert rows["full_sparse_ft"]["trainable_params"] > rows["lors"]["trainable_params"]
+    # the custom op's forward is counted too (registered flop formula), not only its backward
+    assert rows["lors"]["flops"] > rows["lora"]["flops"]
+
+
+def test_quick_in_process(tmp_path, capsys):
+    path = tmp_path / "quick.json"
+    result = bench.bench_main(_args(["--quick", "--json", str(path)]))
+    methods = list(METHODS) + ["lors_fx_eager"]
+    _check_result(result, methods)
+    on_disk = json.loads(path.read_text())
+    _check_result(on_disk, methods)
+    out = capsys.readouterr().out
+    assert "llama_mlp" in out and "xSQFT" in out and "peak memory" in out
+
+
+def test_quick_as_a_script(tmp_path):
+    path = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--quick",
+                           "--methods", "lora", "sqft", "lors", "full_sparse_ft",
+                           "--json", str(path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _check_result(json.loads(path.read_text()), ["lora", "sqft", "lors", "full_sparse_ft"])
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown method"):
+        bench.bench_main(_args(["--quick", "--methods", "dora"]))
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    message = bench._plot([], str(tmp_path / "x.png"))
+    assert "matplotlib is not installed" in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_targets_are_checked_on_the_issue_case():
+    rows = [{"method": "lors", "step_ms": 10.0, "saved_bytes": 40, "peak_bytes": 50},
+            {"method": "lora", "step_ms": 10.0, "saved_bytes": 40, "peak_bytes": 45},
+            {"method": "spp", "step_ms": 30.0, "saved_bytes": 90, "peak_bytes": 100},
+            {"method": "sqft", "step_ms": 12.0, "saved_bytes": 100, "peak_bytes": 100}]
+    case = {"workload": "llama_mlp", "tokens": 512, "r": 16, "dtype": "fp32", "rows": rows}
+    targets = {t["target"]: t["holds"] for t in bench._targets([case])}
+    assert targets == {"step <= 1.10x LoRA": True, "step <= 0.50x SPP": True,
+                       "step <= 0.75x SQFT": False, "saved <= 1.00x LoRA": True,
+                       "saved <= 0.45x SQFT": True, "peak <= 0.55x SQFT": True}
+    assert bench._targets([{**case, "tokens": 2048}]) == []
+
+
+@pytest.mark.parametrize("workload", ["llama_attn", "smollm2"])
+def test_other_workloads_build_and_prune(workload):
+    model, hidden = bench.build_workload(workload, scale=1 / 32, layers=1)
+    shapes = bench.prune_(model, 0.5)
+    assert shapes and all(len(s) == 2 for s in shapes)
+    y = model(torch.randn(1, 8, hidden))
+    assert y.shape == (1, 8, hidden)
+
+
+def test_config_workload(tmp_path):
+    from transformers import LlamaConfig
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    model, hidden = bench.build_workload("config", layers=1, config_path=str(path))
+    assert hidden == 64 and len(model.model.layers) == 1
+
+
+def test_failing_and_unavailable_methods_become_rows(monkeypatch):
+    real = bench._build_method
+
+    def fake(method, *args):
+        if method == "sqft":
+            raise bench._Unavailable("no backend here")
+        if method == "spp":
+            raise RuntimeError("boom")
+        return real(method, *args)
+
+    monkeypatch.setattr(bench, "_build_method", fake)
+    args = _args(["--quick"])
+    args.scale, args.tokens, args.steps = 1 / 64, [16], 1
+    case = bench.run_case("llama_mlp", 16, 4, "fp32", ["lora", "sqft", "spp"], args)
+    rows = {row["method"]: row for row in case["rows"]}
+    assert rows["lora"]["status"] == "ok" and rows["lora"]["step_ms"] > 0
+    assert rows["sqft"]["status"] == "unavailable: no backend here"
+    assert rows["spp"]["status"] == "error: RuntimeError: boom"
+    assert rows["sqft"]["step_ms"] is None and rows["lora"]["vs_sqft"] is None
