@@ -632,3 +632,26 @@ def test_lors_backward_allocations(recompute):
         assert w_bytes < transient <= 2 * w_bytes + skinny, transient
     else:
         assert 0 <= transient <= skinny, transient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_mask_pass_matches_one_shot_and_never_adds_nonzeros(monkeypatch, dtype):
+    """Large weights get their mask applied in row chunks through one reused buffer. Force many
+    (uneven) chunks on a small weight: W' must equal the one-shot build bit for bit, and huge
+    adapters (inf * 0) must still leave no nonzero or NaN outside M."""
+    torch.manual_seed(0)
+    d_out, d_in, r = 37, 24, 3
+    weight = torch.randn(d_out, d_in, dtype=dtype)
+    weight[torch.rand(d_out, d_in) < 0.5] = 0
+    for scale in (1.0, 1e30):
+        lora_A = (torch.randn(r, d_in) * scale).to(dtype)
+        lora_B = (torch.randn(d_out, r) * scale).to(dtype)
+        one_shot = ops._effective_weight(weight, lora_A, lora_B, 2.0, True)
+        row_bytes = d_in * weight.element_size()
+        monkeypatch.setitem(ops._MASK_CHUNK_BYTES, "cpu", 5 * row_bytes)  # 8 chunks, last of 2
+        chunked = ops._effective_weight(weight, lora_A, lora_B, 2.0, True)
+        monkeypatch.undo()
+        assert torch.equal(chunked.isnan(), one_shot.isnan())
+        assert torch.equal(torch.nan_to_num(chunked), torch.nan_to_num(one_shot))
+        outside = chunked[weight == 0]
+        assert not outside.isnan().any() and (outside == 0).all()
