@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lors_fx import bench
+from lors_fx import bench, cli_bench
 from lors_fx.baselines import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(argv):
-    return bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return cli_bench.add_bench_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def _check_result(result, methods):
@@ -49,7 +49,7 @@ def _check_result(result, methods):
 
 def test_quick_in_process(tmp_path, capsys):
     path = tmp_path / "quick.json"
-    result = bench.bench_main(_args(["--quick", "--json", str(path)]))
+    result = cli_bench.bench_main(_args(["--quick", "--json", str(path)]))
     methods = list(METHODS) + ["lors_fx_eager"]
     _check_result(result, methods)
     on_disk = json.loads(path.read_text())
@@ -71,12 +71,12 @@ def test_quick_as_a_script(tmp_path):
 
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown method"):
-        bench.bench_main(_args(["--quick", "--methods", "dora"]))
+        cli_bench.bench_main(_args(["--quick", "--methods", "dora"]))
 
 
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    message = bench._plot([], str(tmp_path / "x.png"))
+    message = cli_bench._plot([], str(tmp_path / "x.png"))
     assert "matplotlib is not installed" in message
     assert not (tmp_path / "x.png").exists()
 
