@@ -31,7 +31,9 @@ Building W'
 GEMM, and the 0/1 mask in W's dtype is rebuilt from ``W`` (nothing stored, so it survives FSDP
 sharding). The mask is applied in row chunks through one small reused buffer (1 MiB on CPU, so
 the chunk is still in cache when it is used; 64 MiB elsewhere), so building ``W'`` costs one
-weight-sized tensor (``W'`` itself), not two: that was the backward's memory peak. Measured on a 2-core CPU, fp32 2816x1024, r=16 (median of 30): this takes 2.3 ms
+weight-sized tensor (``W'`` itself), not two: that was the backward's memory peak. It is also
+faster: on one CPU thread, 2752x1024 fp32, the whole build takes 4.3 ms chunked against 13.6 ms
+with a one-shot mask (the ``addmm`` alone: 3.4 ms; interleaved medians of 25). Measured on a 2-core CPU, fp32 2816x1024, r=16 (median of 30): this takes 2.3 ms
 against 5.4 ms for ``addcmul`` with ``W.ne(0).to(dtype)``, 3.0 ms for ``mul_`` by a stored bool
 mask, 10 ms for ``masked_fill_``/``where``, and 2.2 ms for the inductor-fused expression. At a pruned
 position ``(0 + s*d) * 0`` is a (possibly negative) zero, except when ``s*d`` overflows: ``inf * 0``
