@@ -43,7 +43,7 @@ from torch import nn
 from .baselines import (apply_method, install_mask_reapply, lors_closed_form,
                         randomize_adapters_, set_reference_mode, trainable_parameters)
 
-__all__ = ["build_workload", "run_case", "ROW_KEYS",
+__all__ = ["build_workload", "saved_bytes", "run_case", "ROW_KEYS",
            "CASE_KEYS", "TOP_KEYS", "WORKLOADS", "TARGETS"]
 
 SCHEMA = "lors_fx.bench/1"
@@ -173,7 +173,9 @@ def prune_(model: nn.Module, sparsity: float) -> List[tuple]:
 # Measurements
 # ---------------------------------------------------------------------------------------------
 
-def _saved_bytes(forward: Callable, exclude: List[torch.Tensor]) -> int:
+def saved_bytes(forward: Callable, exclude: List[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while ``forward()`` runs, counted with
+    ``saved_tensors_hooks``; storages of ``exclude`` (parameters: alive anyway) are not counted."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen: Dict[int, int] = {}
 
@@ -340,7 +342,7 @@ def run_case(workload: str, tokens: int, r: int, dtype_name: str, methods: List[
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
             install_mask_reapply(optimizer, raw)
             row.update(_agreement(train, raw, x_leaf, grad_y))  # also compiles compiled rows
-            row["saved_bytes"] = _saved_bytes(lambda: train(x_leaf * 1.0),
+            row["saved_bytes"] = saved_bytes(lambda: train(x_leaf * 1.0),
                                               list(raw.parameters()) + [x_leaf])
             eager_twin = rows.get("lors_fx_eager" if name == "lors_fx_compiled" else name, {})
             if (compiled or name == "lors_fx_compiled") and eager_twin.get("flops"):

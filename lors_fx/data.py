@@ -357,23 +357,23 @@ def calibration_sample(blocks: TextBlocks, n: int, *, seed: int = 0) -> Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks, *, batch_size: int = 4,
-               progress: bool = False) -> float:
-    """``exp`` of the mean next-token loss of a causal LM over ``blocks`` (a :class:`TextBlocks`
-    or an ``(n, T)`` input_ids tensor; labels -100 are skipped)."""
+@torch.no_grad()
+def mean_token_loss(model: torch.nn.Module, data, *, batch_size: int = 4,
+                    progress: bool = False) -> float:
+    """Token-weighted mean next-token loss of a causal LM over ``data``: a :class:`TextBlocks`,
+    an ``(n, T)`` input_ids tensor, or an iterable of ``{"input_ids", "labels"}`` batches
+    (labels -100 are skipped). Raises ValueError when there is no target token."""
     from tqdm.auto import tqdm
 
-    if isinstance(blocks, Tensor):
-        blocks = TextBlocks(blocks, blocks.clone(), torch.zeros_like(blocks, dtype=torch.int32))
-    if len(blocks) == 0:
-        raise ValueError("blocks: no block to evaluate")
+    if isinstance(data, Tensor):
+        data = TextBlocks(data, data.clone(), torch.zeros_like(data, dtype=torch.int32))
+    batches = list(data.batches(batch_size)) if hasattr(data, "batches") else data
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in tqdm(list(blocks.batches(batch_size)), desc="perplexity",
-                          disable=not progress):
+        for batch in tqdm(batches, desc="eval loss", disable=not progress):
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             target = labels[:, 1:]
@@ -383,4 +383,15 @@ def perplexity(model: torch.nn.Module, blocks, *, batch_size: int = 4,
             count += int((target != -100).sum())
     finally:
         model.train(was_training)
-    return math.exp(total / max(1, count))
+    if count == 0:
+        raise ValueError("data: no target token to evaluate")
+    return total / count
+
+
+def perplexity(model: torch.nn.Module, blocks, *, batch_size: int = 4,
+               progress: bool = False) -> float:
+    """``exp`` of :func:`mean_token_loss` over ``blocks`` (a :class:`TextBlocks` or an ``(n, T)``
+    input_ids tensor)."""
+    if len(blocks) == 0:
+        raise ValueError("blocks: no block to evaluate")
+    return math.exp(mean_token_loss(model, blocks, batch_size=batch_size, progress=progress))

@@ -39,10 +39,12 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
+
+from .data import mean_token_loss
 
 __all__ = ["TRAIN_METHODS", "TrainConfig", "TrainResult", "cosine_with_warmup", "prepare_model",
            "train", "mean_loss", "add_arguments", "run"]
@@ -219,28 +221,9 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, data, batch_size: int = 4) -> float:
     """Token-weighted mean next-token loss of ``model`` over ``data`` (TextBlocks or batches)."""
-    batches = data.batches(batch_size) if hasattr(data, "batches") else data
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = _to_device(batch, device)
-            logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                reduction="sum"))
-            count += int((target != -100).sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("eval data: no target token")
-    return total / count
+    return mean_token_loss(model, data, batch_size=batch_size)
 
 
 def _save_checkpoint(model: nn.Module, path: str) -> str:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import torch
 from torch import fx, nn
 
 __all__ = ["PassContext", "PassResult", "SparseSite", "GraphPass", "run_passes", "SITE_META_KEY"]

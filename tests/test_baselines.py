@@ -188,13 +188,13 @@ def test_apply_method_errors():
 
 
 def test_spp_forms_agree_and_checkpoint_saves_less():
-    from lors_fx.bench import _saved_bytes
+    from lors_fx.bench import saved_bytes
     x_leaf = torch.randn(16, D_IN, dtype=torch.float64, requires_grad=True)
     outs, saved = {}, {}
     for method in ("spp", "spp_dense", "spp_ckpt"):
         module = _wrapper(method)
         outs[method] = module(x_leaf)
-        saved[method] = _saved_bytes(lambda: module(x_leaf * 1.0),
+        saved[method] = saved_bytes(lambda: module(x_leaf * 1.0),
                                      list(module.parameters()) + [x_leaf])
     torch.testing.assert_close(outs["spp"], outs["spp_dense"], rtol=0, atol=1e-12)
     torch.testing.assert_close(outs["spp_ckpt"], outs["spp_dense"], rtol=0, atol=1e-12)
@@ -202,12 +202,12 @@ def test_spp_forms_agree_and_checkpoint_saves_less():
 
 
 def test_lors_op_saves_only_x_and_sqft_saves_a_dense_weight():
-    from lors_fx.bench import _saved_bytes
+    from lors_fx.bench import saved_bytes
     x_leaf = torch.randn(16, D_IN, dtype=torch.float64, requires_grad=True)
     saved = {}
     for method in ("lors", "sqft"):
         module = _wrapper(method)
-        saved[method] = _saved_bytes(lambda: module(x_leaf * 1.0),
+        saved[method] = saved_bytes(lambda: module(x_leaf * 1.0),
                                      list(module.parameters()) + [x_leaf])
     assert saved["lors"] == x_leaf.numel() * 8
     assert saved["sqft"] >= saved["lors"] + D_OUT * D_IN * 8

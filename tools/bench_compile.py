@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lors_fx.bench import saved_bytes
+
 try:
     from tabulate import tabulate
 except ImportError:  # pragma: no cover - tabulate is a dependency; keep the tool usable anyway
@@ -199,20 +201,7 @@ class Runner:
 
     def saved_bytes(self) -> int:
         """Bytes of the storages one forward saves for backward, parameters/buffers excluded."""
-        excluded = {t.untyped_storage().data_ptr()
-                    for t in list(self.model.parameters()) + list(self.model.buffers())}
-        seen: Dict[int, int] = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss()
-        del loss
-        return sum(seen.values())
+        return saved_bytes(self.loss, list(self.model.parameters()) + list(self.model.buffers()))
 
     def peak_bytes(self) -> int:
         """High-water mark of live tensor bytes during one step, above the level at its start."""

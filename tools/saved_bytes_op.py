@@ -17,24 +17,8 @@ import time
 import torch
 from tabulate import tabulate
 
+from lors_fx.bench import saved_bytes
 from lors_fx.ops import reference_sparse_lora_linear, sparse_lora_linear
-
-
-def saved_bytes(fn, params) -> int:
-    """Bytes of the non-parameter tensors autograd saves while running ``fn()``."""
-    param_ptrs = {p.data_ptr() for p in params}
-    seen = {}
-
-    def pack(tensor):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            seen[ptr] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def main(argv=None):
