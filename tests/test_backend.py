@@ -11,7 +11,6 @@
 """
 import copy
 import json
-import time
 import warnings
 
 import pytest
@@ -146,9 +145,7 @@ def test_inductor_fw_and_bw_compilers():
     model = NaiveMLP()
     compiled, state = _compiled(model, config, report_before=False)
     x = torch.randn(T, SIZES[0])
-    start = time.perf_counter()
-    loss, grads, _ = _loss_and_grads(model, compiled, x)
-    seconds = time.perf_counter() - start  # ~40 s on 2 busy CPU cores (C++ build); not asserted
+    loss, grads, _ = _loss_and_grads(model, compiled, x)  # inductor builds C++: ~40 s cold
     reference = NaiveMLP(use_op=True)
     ref_loss, ref_grads, _ = _loss_and_grads(reference, reference, x)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -157,7 +154,6 @@ def test_inductor_fw_and_bw_compilers():
     record = state.graphs[0]
     assert record.forward.code.count("torch.ops.lors.sparse_lora_linear.default(") == 2
     assert not _w_prime_sized(record.saved_after.details["rows"], SITE_SHAPES)
-    print(f"inductor fw+bw compile and first step: {seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------
