@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from _toy import assert_unchanged, build_toy_llama, snapshot, sparse_mlp, tiny_gpt2, toy_batches
 from lors_fx import LorsConfig, attach_adapters, gradient_init, lors_modules, optimize
+from lors_fx.init import PEFT_ROW_NORM
 
 # fp32 hooks + randomized SVD vs float64 autograd + dense SVD: projector difference (Frobenius).
 # Measured ~1e-5 with relative spectral gaps S[r-1]/S[r] >= 1.05 (asserted below).
@@ -41,7 +42,7 @@ def _reference_gradients(plain, batches, total):
 
 
 def _projector_gap(lora_A, grad, r):
-    A = lora_A.detach().double()
+    A = lora_A.detach().double() / PEFT_ROW_NORM  # rows scaled to PEFT's norm by default
     _, _, Vh = torch.linalg.svd(grad)
     true = Vh[:r].t() @ Vh[:r]
     return float(torch.linalg.matrix_norm(A.t() @ A - true))
@@ -68,7 +69,9 @@ def test_lora_A_spans_top_right_singular_subspace(mask_gradient, max_gradient_by
         assert S[2] > 1.05 * S[3]  # a spectral gap: the subspace is well defined
         assert _projector_gap(module.lora_A, grad, 3) < PROJECTOR_TOL
         A = module.lora_A.detach().double()
-        torch.testing.assert_close(A @ A.t(), torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)
+        # orthogonal rows of PEFT's Kaiming-uniform norm 1/sqrt(3)
+        torch.testing.assert_close(A @ A.t(), torch.eye(3, dtype=torch.float64) / 3, atol=1e-5,
+                                   rtol=0)
         assert torch.count_nonzero(module.lora_B) == 0
         expected_share = float(S[:3].pow(2).sum() / S.pow(2).sum())
         assert shares[str(index)] == pytest.approx(expected_share, abs=1e-4)
@@ -145,7 +148,8 @@ def test_optimize_gradient_init_on_hf_batches(build, vocab):
     assert modules
     for module in modules.values():
         A = module.lora_A.detach().double()
-        torch.testing.assert_close(A @ A.t(), torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(A @ A.t(), torch.eye(4, dtype=torch.float64) * PEFT_ROW_NORM**2,
+                                   atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=batches[0]["input_ids"]).logits, before,
                                    rtol=1e-5, atol=1e-5)
@@ -176,3 +180,24 @@ def test_module_called_twice_accumulates_both_calls():
     S = torch.linalg.svdvals(grad)
     assert S[1] > 1.05 * S[2]
     assert _projector_gap(model.body[0].lora_A, grad, 2) < PROJECTOR_TOL
+
+
+@pytest.mark.parametrize("row_norm", [1.0, 0.25])
+def test_row_norm_scales_rows_and_keeps_the_subspace(row_norm):
+    """row_norm sets each lora_A row's norm; the spanned subspace is the same; bad values raise."""
+    plain = sparse_mlp(sizes=(24, 16, 8), seed=2)
+    batches = _data()
+    model = copy.deepcopy(plain)
+    attach_adapters(model, LorsConfig(r=3, init_samples=32))
+    torch.manual_seed(0)
+    gradient_init(model, batches, loss_fn=_loss_fn, progress=False, row_norm=row_norm)
+    A = model[0].lora_A.detach().double()
+    torch.testing.assert_close(A.norm(dim=1), torch.full((3,), row_norm, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    reference = _reference_gradients(plain, batches, total=32)[0]
+    _, _, Vh = torch.linalg.svd(reference)
+    true = Vh[:3].t() @ Vh[:3]
+    assert float(torch.linalg.matrix_norm(A.t() @ A / row_norm**2 - true)) < PROJECTOR_TOL
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="row_norm"):
+            gradient_init(model, batches, loss_fn=_loss_fn, progress=False, row_norm=bad)
