@@ -48,8 +48,11 @@ def reference_sparse_lora_dropout_form(x: Tensor, weight: Tensor, lora_A: Tensor
 class _LorsMixin:
     """Adapter state and forward shared by :class:`LorsLinear` and :class:`LorsConv1D`."""
 
-    def _init_adapter(self, weight: Tensor, r: int, scaling: float, grad_mode: str,
+    def _init_adapter(self, base: nn.Module, r: int, scaling: float, grad_mode: str,
                       recompute: bool, chunk_bytes: Optional[int], lora_dropout: float) -> None:
+        # Reuse the base's Parameter objects: module names and state_dict keys stay as they were.
+        self.weight, self.bias = base.weight, base.bias
+        weight = base.weight
         d_out, d_in = self.d_out, self.d_in
         self.r = r
         self.scaling = float(scaling)
@@ -62,6 +65,7 @@ class _LorsMixin:
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
         self.reset_adapter()
+        self.train(base.training)
 
     def reset_adapter(self) -> None:
         """PEFT's default init: lora_A Kaiming-uniform (``a=sqrt(5)``), lora_B zeros."""
@@ -123,11 +127,7 @@ class LorsLinear(_LorsMixin, nn.Linear):
                  lora_dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self._init_adapter(base.weight, r, scaling, grad_mode, recompute, chunk_bytes,
-                           lora_dropout)
-        self.train(base.training)
+        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout)
 
     d_in = property(lambda self: self.in_features)
     d_out = property(lambda self: self.out_features)
@@ -151,11 +151,7 @@ class LorsConv1D(_LorsMixin, nn.Module):
         super().__init__()
         self.base_class = type(base)
         self.nx, self.nf = base.weight.shape
-        self.weight = base.weight
-        self.bias = base.bias
-        self._init_adapter(base.weight, r, scaling, grad_mode, recompute, chunk_bytes,
-                           lora_dropout)
-        self.train(base.training)
+        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout)
 
     d_in = property(lambda self: self.nx)
     d_out = property(lambda self: self.nf)
