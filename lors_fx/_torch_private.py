@@ -33,7 +33,7 @@ import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.utils.checkpoint import CheckpointPolicy  # public; re-exported for the passes
 
 __all__ = [
@@ -305,3 +305,13 @@ def specialize_floats():
     import torch._dynamo.config as dynamo_config
 
     return dynamo_config.patch(specialize_float=True)
+
+
+def fsdp_lazy_initialized(model: nn.Module) -> bool:
+    """True once an FSDP2-sharded ``model`` has run its first forward (FSDP2's lazy init then
+    fixed the root and the parameter groups; groups added later would not be seen)."""
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if callable(get_state) and getattr(get_state(), "_is_root", None) is not None:
+            return True
+    return False

@@ -321,8 +321,18 @@ def _restore(model: nn.Module) -> None:
             delattr(model, attr)
 
 
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    from .distributed import is_sharded
+
+    if is_sharded(model):
+        raise ValueError(f"{what}: the model is sharded with FSDP2 (its weights are shards); "
+                         f"save_adapters(model, dir) on every rank, then merge in one process: "
+                         f"lors-fx merge BASE dir --out MERGED")
+
+
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Undo :func:`attach_adapters` without merging (drops the adapters); used to roll back."""
+    _refuse_sharded(model, "remove_adapters")
     for name, module in lors_modules(model).items():
         _replace(model, name, _plain_module(module))
     _restore(model)
@@ -341,6 +351,7 @@ def merge(model: nn.Module) -> nn.Module:
     modules = lors_modules(model)
     if not modules:
         raise ValueError("merge: model has no LoRS adapters")
+    _refuse_sharded(model, "merge")
     for name, module in modules.items():
         merged = build_merged_weight(module.true_weight(), module.lora_A, module.lora_B,
                                      module.scaling)

@@ -69,6 +69,7 @@ class LorsCompileState:
     fallback: Optional[str] = None        # why the model runs the eager op path, if it does
     notes: List[str] = field(default_factory=list)
     original_forward: Optional[Callable] = None
+    compiled_roots: List[nn.Module] = field(default_factory=list)  # blocks compiled one by one
 
     @property
     def recompiles(self) -> int:
@@ -157,7 +158,8 @@ class _StopAfterPartition(Exception):
 def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] = None,
             passes: Optional[Sequence[Callable]] = None,
             joint_passes: Optional[Sequence[Callable]] = None, report_before: bool = True,
-            state: Optional[LorsCompileState] = None) -> Callable:
+            state: Optional[LorsCompileState] = None,
+            graph_is_block: bool = False) -> Callable:
     """A ``torch.compile`` backend ``(gm, example_inputs) -> callable`` for LoRS training.
 
     Args:
@@ -170,6 +172,8 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
         report_before: also list what the un-rewritten graph would save (one more trace and
             partition per graph, nothing compiled).
         state: where to record (default: a new :class:`LorsCompileState`).
+        graph_is_block: each graph is one decoder block's forward (``compile_model`` with
+            ``scope="blocks"``): the checkpoint policy treats the whole graph as that block.
 
     The returned callable has the state as ``.state``.
     """
@@ -192,7 +196,7 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
         original = _copy_graph_module(gm) if report_before else None
         ctx = PassContext(config=config, model=model, notes=record.notes,
                           extra={"placeholder_params": placeholder_params,
-                                 "input_names": input_names})
+                                 "input_names": input_names, "graph_is_block": graph_is_block})
         record.passes = run_passes(gm, forward_passes, ctx)
         record.sites = dict(ctx.sites)
         missed = sorted(fqn for fqn, site in ctx.sites.items()

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import types
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -51,11 +52,14 @@ class _CompiledForward:
     """
 
     def __init__(self, model: nn.Module, state: LorsCompileState, compiled: Callable,
-                 modules: List[nn.Module], fallback_on_graph_break: bool):
+                 modules: List[nn.Module], fallback_on_graph_break: bool,
+                 original: Callable):
         self.model_id = id(model)
         self.state, self.compiled, self.modules = state, compiled, modules
         self.fallback_on_graph_break = fallback_on_graph_break
-        functools.update_wrapper(self, state.original_forward)  # keeps the signature (Trainer)
+        self.original = original
+        self.rescope = None  # (weakref to the model, compile_model kwargs): see __call__
+        functools.update_wrapper(self, original)  # keeps the signature (Trainer)
 
     def fall_back(self, reason: str) -> None:
         self.state.fallback = reason
@@ -65,7 +69,16 @@ class _CompiledForward:
                       RuntimeWarning, stacklevel=3)
 
     def __call__(self, *args, **kwargs):
-        state, original = self.state, self.state.original_forward
+        state, original = self.state, self.original
+        if self.rescope is not None and not state.graphs and state.fallback is None:
+            # Compiled whole (scope "auto"), then sharded by FSDP2 before the first training
+            # step (e.g. by accelerate's prepare): compile each block instead, so FSDP2's hooks
+            # run between graphs rather than breaking one.
+            from .distributed import is_sharded
+            model, options = self.rescope[0](), self.rescope[1]
+            if model is not None and torch.is_grad_enabled() and is_sharded(model):
+                compile_model(model, state.config, scope="blocks", **options)
+                return model.forward(*args, **kwargs)
         if state.fallback is not None or not torch.is_grad_enabled():
             with _eager_adapters(self.modules):
                 return original(*args, **kwargs)
@@ -140,16 +153,62 @@ def _fresh_entry_point(forward: Callable) -> Callable:
     """
     function, owner = getattr(forward, "__func__", None), getattr(forward, "__self__", None)
     if isinstance(function, types.FunctionType) and owner is not None:
-        clone = types.FunctionType(function.__code__.replace(), function.__globals__,
-                                   function.__name__, function.__defaults__,
-                                   function.__closure__)
-        clone.__kwdefaults__ = function.__kwdefaults__
-        functools.update_wrapper(clone, function)
-        return types.MethodType(clone, owner)
+        return types.MethodType(_clone_function(function), owner)
     namespace = {"_lors_forward": forward}
     exec("def lors_compiled_forward(*args, **kwargs):\n"  # noqa: S102 - a fixed source
          "    return _lors_forward(*args, **kwargs)\n", namespace)
     return namespace["lors_compiled_forward"]
+
+
+def _clone_function(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with a code object of its own (same globals, defaults and closure)."""
+    clone = types.FunctionType(function.__code__.replace(), function.__globals__,
+                               function.__name__, function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    functools.update_wrapper(clone, function)
+    return clone
+
+
+def _compile_roots(model: nn.Module, scope: str) -> List[nn.Module]:
+    """The modules whose forward gets compiled: ``[model]``, or its decoder blocks."""
+    from .distributed import decoder_blocks, is_sharded
+
+    if scope not in ("auto", "model", "blocks"):
+        raise ValueError(f"compile_model: scope must be 'auto', 'model' or 'blocks', got "
+                         f"{scope!r}")
+    if scope == "auto":
+        scope = "blocks" if is_sharded(model) else "model"
+    if scope == "model":
+        return [model]
+    blocks = decoder_blocks(model)
+    outside = [n for n in _adapter_modules(model)
+               if not any(n.startswith(b + ".") for b, _ in blocks)]
+    if outside:
+        raise ValueError(f"compile_model(scope='blocks'): adapted modules outside the decoder "
+                         f"blocks would run uncompiled: {outside[:4]}")
+    return [block for _, block in blocks]
+
+
+def _install_block_forwards(model: nn.Module, roots: List[nn.Module], state: LorsCompileState,
+                            backend_fn: Callable, dynamic, modules: List[nn.Module],
+                            fallback_on_graph_break: bool) -> None:
+    """Compile each block's class forward once (blocks of one class share the compiled code:
+    dynamo lifts their parameters to graph inputs) and install it on every block."""
+    compiled_by_function: Dict[Callable, Callable] = {}
+    for block in roots:
+        original = block.forward
+        function = getattr(original, "__func__", None)
+        if not isinstance(function, types.FunctionType):
+            raise TypeError(f"compile_model(scope='blocks'): {type(block).__name__}.forward is "
+                            f"not a plain method")
+        compiled = compiled_by_function.get(function)
+        if compiled is None:
+            compiled = torch.compile(_clone_function(function), dynamic=dynamic,
+                                     backend=backend_fn)
+            compiled_by_function[function] = compiled
+        block.forward = _CompiledForward(block, state, functools.partial(compiled, block),
+                                         modules, fallback_on_graph_break, original)
+    state.compiled_roots = list(roots)
 
 
 def _ignore_transformers_logging() -> None:
@@ -168,7 +227,7 @@ def _ignore_transformers_logging() -> None:
 
 def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dynamic=None,
                   report_before: bool = True, passes: Optional[Sequence[Callable]] = None,
-                  fallback_on_graph_break: bool = True) -> nn.Module:
+                  fallback_on_graph_break: bool = True, scope: str = "auto") -> nn.Module:
     """Compile ``model``'s forward with the lors backend, in place; returns ``model``.
 
     - Every adapter module emits the naive form (``emit_reference=True``), which the backend's
@@ -194,6 +253,12 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
         report_before: measure what the un-rewritten graphs would save (one side trace each).
         passes: forward passes instead of the default ones.
         fallback_on_graph_break: see above; ``False`` keeps the partly compiled forward.
+        scope: ``"model"`` compiles the model's forward; ``"blocks"`` compiles each decoder block
+            (:func:`lors_fx.distributed.decoder_blocks`) instead, so hooks between blocks (FSDP2's
+            all-gather and reshard) run outside the graphs; ``"auto"`` = ``"blocks"`` for a model
+            sharded with FSDP2, else ``"model"`` — and if FSDP2 shards the model after this call
+            but before its first training step (accelerate's ``prepare``), that step switches to
+            ``"blocks"``.
 
     Everything is recorded in ``model._lors_state`` (see :func:`lors_fx.report`).
     """
@@ -203,19 +268,32 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
     if old_state is not None and old_state.original_forward is not None:
         decompile_model(model)
     modules = list(_adapter_modules(model).values())
+    roots = _compile_roots(model, scope)
     state = LorsCompileState(config=config, original_forward=model.forward)
     _ignore_transformers_logging()
-    compiled = torch.compile(_fresh_entry_point(state.original_forward), dynamic=dynamic,
-                             backend=backend(config, model=model, passes=passes,
-                                             report_before=report_before, state=state))
-    forward = _CompiledForward(model, state, compiled, modules, fallback_on_graph_break)
+    backend_fn = backend(config, model=model, passes=passes, report_before=report_before,
+                         state=state, graph_is_block=roots != [model])
+    if roots == [model]:
+        compiled = torch.compile(_fresh_entry_point(state.original_forward), dynamic=dynamic,
+                                 backend=backend_fn)
+        forward = _CompiledForward(model, state, compiled, modules, fallback_on_graph_break,
+                                   state.original_forward)
+        if scope == "auto":
+            forward.rescope = (weakref.ref(model), dict(
+                dynamic=dynamic, report_before=report_before, passes=passes,
+                fallback_on_graph_break=fallback_on_graph_break))
+    else:
+        forward = None
+        _install_block_forwards(model, roots, state, backend_fn, dynamic, modules,
+                                fallback_on_graph_break)
     for m in modules:
         m.emit_reference = True
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "use_cache"):
         hf_config.use_cache = False  # the KV cache is an inference structure, not for training
     model.__dict__[STATE_ATTR] = state
-    model.forward = forward
+    if forward is not None:
+        model.forward = forward
     return model
 
 
@@ -226,5 +304,8 @@ def decompile_model(model: nn.Module) -> nn.Module:
         m.emit_reference = False
     state = model.__dict__.get(STATE_ATTR)
     if state is not None:
+        for block in state.compiled_roots:
+            block.__dict__.pop("forward", None)
+        state.compiled_roots = []
         state.original_forward = None
     return model

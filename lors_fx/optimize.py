@@ -7,6 +7,7 @@ the graph passes rewrite it into the op.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Optional
 
 from torch import nn
@@ -26,6 +27,8 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     ``model.lors_config`` = ``config``); with ``config.init == "gradient"`` run
     :func:`lors_fx.gradient_init` on ``init_data`` (and ``loss_fn``); with ``compile=True`` compile
     with the lors backend. Any error leaves the model as it was (adapters are removed again).
+    On a model already sharded by FSDP2 the adapters are attached in place and sharded, and they
+    run the eager op (with a warning if ``compile=True``; see :mod:`lors_fx.distributed`).
 
     Args:
         model: a PyTorch / HF model with pruned ``nn.Linear`` (or GPT-2 ``Conv1D``) layers.
@@ -47,6 +50,20 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
                          f"(config.init={config.init!r})")
     if compile:
         from .compiled_model import compile_model  # imported before any change to the model
+    from .distributed import attach_sharded, is_sharded
+    if is_sharded(model):  # FSDP2 already sharded it (order B in lors_fx.distributed)
+        if config.init == "gradient":
+            raise ValueError("optimize: init='gradient' needs the unsharded model; run optimize "
+                             "before lors_fx.distributed.shard_model (order A), or init in one "
+                             "process and load the adapters")
+        attach_sharded(model, config)  # checks everything before it changes the model
+        if compile:
+            warnings.warn("lors_fx.optimize: the model was sharded before the adapters were "
+                          "attached, so FSDP2 hooks every adapted module and a compiled block "
+                          "would break at each; running the eager LoRS op (it saves only x too). "
+                          "To compile, call optimize before lors_fx.distributed.shard_model",
+                          RuntimeWarning, stacklevel=2)
+        return model
     attach_adapters(model, config)
     try:
         if config.init == "gradient":

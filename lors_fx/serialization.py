@@ -25,10 +25,21 @@ _KEY_PREFIX = "base_model.model."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU: a DTensor (FSDP2 shard) is all-gathered first (a collective)."""
+    full = getattr(tensor, "full_tensor", None)
+    if callable(full):
+        tensor = full()
+    return tensor.detach().to("cpu").contiguous()
+
+
 def save_adapters(model: nn.Module, path: str) -> List[str]:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (PEFT layout).
 
     Returns the list of adapted module names written (also the JSON's ``target_modules``).
+    On a model sharded with FSDP2 (:func:`lors_fx.distributed.shard_model`) every rank must call
+    it: the adapter shards are all-gathered (only the adapters, never the base) and rank 0 of the
+    default process group writes the files; the other ranks write nothing.
     """
     from safetensors.torch import save_file
     from . import __version__
@@ -42,8 +53,10 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     tensors = {}
     for name, module in modules.items():
         for part in ("lora_A", "lora_B"):
-            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = \
-                getattr(module, part).detach().to("cpu").contiguous()
+            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = _full_cpu(getattr(module, part))
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:
+        return list(modules)
     meta = config.to_dict()
     meta.update(peft_type="LORS", target_modules=list(modules), lors_fx_version=__version__,
                 scaling=config.scaling)

@@ -40,7 +40,10 @@ def sparsity_of(weight: torch.Tensor) -> float:
     numel = weight.numel()
     if numel == 0:
         return 0.0
-    return float((weight == 0).sum().item()) / numel
+    zeros = (weight == 0).sum()
+    if hasattr(zeros, "full_tensor"):  # a DTensor shard (FSDP2): the count over all ranks
+        zeros = zeros.full_tensor()
+    return float(zeros.item()) / numel
 
 
 def _holds_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:

@@ -38,6 +38,10 @@ Policy (``LorsConfig.checkpoint``):
   best bytes-per-FLOP ratio are added until the check passes. When even checkpointing every block
   cannot meet the budget, every block is checkpointed and a note is added to ``ctx.notes``.
 
+A graph that is one decoder block compiled by itself (``compile_model(scope="blocks")``, as under
+FSDP2; ``ctx.extra["graph_is_block"]``) has no ``<list>.<i>`` in its stacks: its whole forward is
+then the one block ``<graph>``, so ``block`` saves only the graph's inputs.
+
 A checkpointed block's forward nodes are ``MUST_RECOMPUTE`` with the block's own ``ac_graph_id``;
 its outputs (nodes used by forward nodes outside the block) and its inputs (non-placeholder
 forward nodes outside it that it reads) are ``MUST_SAVE``. Random ops are recomputed too: for
@@ -379,6 +383,8 @@ def insert_checkpoints(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult
     kind, value = parse_checkpoint_policy(policy)
     fw_nodes = forward_nodes(joint_gm.graph)
     blocks = find_blocks(joint_gm.graph, ctx.model)
+    if not blocks and ctx.extra.get("graph_is_block") and fw_nodes:
+        blocks = [Block("<graph>", list(fw_nodes))]  # a block compiled by itself (FSDP2)
     fw_set = set(fw_nodes)
     for block in blocks:
         block.flops = sum(node_flops(n) for n in block.nodes)

@@ -390,3 +390,41 @@ def test_optimize_with_block_checkpoint_matches_eager_op():
     assert grads.keys() == eager_grads.keys() and len(grads) == 4 * 7 * 2
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single_block_capture():
+    """One TinyStack block compiled by itself, as compile_model(scope="blocks") does under FSDP2:
+    its graph's module stacks hold no ``<list>.<i>``."""
+    torch.manual_seed(0)
+    model = TinyStack()
+    block = model.layers[0]
+    x = torch.randn(2, 8, D)
+    joint, kwargs = _capture(block, lambda m: m(x).pow(2).mean())
+    return block, joint, kwargs
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_graph_is_block_checkpoints_the_whole_graph(single_block_capture, flag):
+    block, joint, kwargs = single_block_capture
+    assert find_blocks(joint.graph, block) == []
+    gm = _copy_module(joint)
+    ctx = PassContext(config=LorsConfig(checkpoint="block"), model=block,
+                      extra={"partition_kwargs": kwargs, "graph_is_block": flag})
+    result = insert_checkpoints(gm, ctx)
+    with partition_context(gm):
+        fw_gm, _ = min_cut_partition(gm, None, **kwargs)
+    saved = saved_activation_bytes(fw_gm, kwargs["num_fwd_outputs"])
+    plain = _copy_module(joint)
+    with partition_context(plain):
+        fw_plain, _ = min_cut_partition(plain, None, **kwargs)
+    saved_plain = saved_activation_bytes(fw_plain, kwargs["num_fwd_outputs"])
+    if not flag:
+        assert result.count == 0 and saved == saved_plain
+        return
+    assert result.details["blocks_checkpointed"] == ["<graph>"]
+    fw = forward_nodes(gm.graph)
+    assert fw and all(n.meta.get(RECOMPUTE_META_KEY) is not None for n in fw)
+    # Only the block's input is kept (recomputed in backward): less than the partitioner's own.
+    assert saved < saved_plain
+    assert saved <= 2 * 8 * D * 4

@@ -1,0 +1,211 @@
+"""LoRS under FSDP2: two gloo processes on CPU against a single-process float64 reference.
+
+The 2-rank run is tests/dist/_fsdp_worker.py (one launch, five scenarios: orders A/B/C, eager,
+compiled per block, compiled with block checkpointing). Tolerances: float64 throughout, so losses,
+gradients, adapters after 3 AdamW steps and logits must agree to 1e-9 relative (summation order of
+the gradient reduce is the only difference). The zero pattern must be kept exactly.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lors_fx import LorsConfig, load_adapter_config, load_adapters, lors_modules, optimize
+from lors_fx.compiled_model import compile_model
+from lors_fx.distributed import decoder_blocks, is_sharded, shard_model
+from lors_fx.tiny_models import build_model, build_tiny, random_batch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "dist"))
+import _fsdp_worker as worker  # noqa: E402
+
+SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled")
+WORLD = 2
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: str, args, world: int = WORLD, timeout: float = 420) -> str:
+    """Run ``script`` under torch.distributed.run with ``world`` processes; its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               f"--master_port={free_port()}", script, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fsdp"))
+    start = time.perf_counter()
+    launch(os.path.join(HERE, "dist", "_fsdp_worker.py"), [out, *SCENARIOS])
+    print(f"\n2-rank FSDP2 worker: {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def _load(folder: str) -> nn.Module:
+    model = worker.base_model()
+    optimize(model, load_adapter_config(folder), compile=False)
+    load_adapters(model, folder)
+    return model
+
+
+def _reference(out: str, scenario: str):
+    """Single process: same start, the mean of the two ranks' losses, the same AdamW steps."""
+    model = _load(os.path.join(out, scenario, "init"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=worker.LR)
+    losses, grads = [], None
+    for step in range(worker.STEPS):
+        total = 0.0
+        for rank in range(WORLD):
+            loss = model(**worker.step_batch(rank, step, WORLD)).loss / WORLD
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, losses, grads
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_matches_single_process(fsdp_run, scenario):
+    result = torch.load(os.path.join(fsdp_run, scenario, "result.pt"))
+    reference, losses, grads = _reference(fsdp_run, scenario)
+    assert len(result["grads"]) == 2 * len(lors_modules(reference))
+    assert result["grads"].keys() == grads.keys()
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(result["grads"][name], grad, **TOL, msg=name)
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), **TOL)
+    trained = _load(os.path.join(fsdp_run, scenario, "final"))
+    for name, module in lors_modules(reference).items():
+        other = lors_modules(trained)[name]
+        torch.testing.assert_close(other.lora_A, module.lora_A, **TOL)
+        torch.testing.assert_close(other.lora_B, module.lora_B, **TOL)
+    with torch.no_grad():
+        logits = trained(**random_batch(1, 12, seed=worker.LOGITS_SEED)).logits
+    torch.testing.assert_close(result["logits"], logits, **TOL)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_keeps_the_zero_pattern(fsdp_run, scenario):
+    result = torch.load(os.path.join(fsdp_run, scenario, "result.pt"))
+    assert result["violations"] == 0
+    expected = optimize(worker.base_model(), LorsConfig(**worker.CONFIG), compile=False)
+    assert result["adapters"] == sorted(lors_modules(expected)) and len(result["adapters"]) > 7
+
+
+def test_fsdp2_compiles_each_block(fsdp_run):
+    plain = torch.load(os.path.join(fsdp_run, "A-compiled", "result.pt"))
+    ckpt = torch.load(os.path.join(fsdp_run, "A-compiled-ckpt", "result.pt"))
+    rescoped = torch.load(os.path.join(fsdp_run, "C-compiled", "result.pt"))
+    for result in (plain, ckpt, rescoped):
+        assert result["fallback"] is None  # no graph break: FSDP2's hooks run between blocks
+        assert result["graphs"] >= 1 and all(n == 7 for n in result["sites_per_graph"])
+        assert all(site in result["adapters"] for site in result["rewritten"])
+        assert len(result["rewritten"]) == 7 * result["graphs"]
+    # block checkpointing composes with reshard-after-forward: each block saves much less
+    assert max(ckpt["saved_after"]) < min(plain["saved_after"]) / 4
+    eager = torch.load(os.path.join(fsdp_run, "B-eager", "result.pt"))
+    assert eager["graphs"] == 0
+
+
+def test_merge_from_files_written_under_fsdp2(fsdp_run, tmp_path):
+    from lors_fx.cli import main
+    from transformers import AutoModelForCausalLM
+    from lors_fx import snapshot_masks
+
+    result = torch.load(os.path.join(fsdp_run, "A-compiled", "result.pt"))
+    merged_dir = str(tmp_path / "merged")
+    code = main(["merge", os.path.join(fsdp_run, "base"),
+                 os.path.join(fsdp_run, "A-compiled", "final"), "--out", merged_dir,
+                 "--no-progress"])
+    assert code == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float64).eval()
+    assert not lors_modules(merged)
+    base_masks = snapshot_masks(worker.base_model())
+    merged_masks = snapshot_masks(merged)
+    assert all(torch.equal(base_masks[n], merged_masks[n]) for n in base_masks)
+    with torch.no_grad():
+        logits = merged(**random_batch(1, 12, seed=worker.LOGITS_SEED)).logits
+    # lors-fx merge loads the base in float32: float32 tolerances
+    torch.testing.assert_close(logits, result["logits"], rtol=1e-4, atol=1e-4)
+
+
+# --- single process: no process group needed ---------------------------------------------------
+
+
+def test_decoder_blocks_of_hf_models():
+    llama = build_tiny("llama", seed=0)
+    assert [n for n, _ in decoder_blocks(llama)] == [f"model.layers.{i}"
+                                                    for i in range(len(llama.model.layers))]
+    gpt2 = build_tiny("gpt2", seed=0)
+    assert [n for n, _ in decoder_blocks(gpt2)] == [f"transformer.h.{i}"
+                                                   for i in range(len(gpt2.transformer.h))]
+
+
+def test_decoder_blocks_of_a_plain_module_list():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = nn.ModuleList([nn.Linear(2, 2)])
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8)) for _ in range(3)])
+
+    assert [n for n, _ in decoder_blocks(Stack())] == ["blocks.0", "blocks.1", "blocks.2"]
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_shard_model_needs_a_process_group():
+    model = build_model("llama", "50%", seed=0)
+    assert not is_sharded(model)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_model(model)
+
+
+def test_compile_per_block_matches_eager_in_one_process():
+    """scope='blocks' (what FSDP2 uses) on an unsharded model: same loss and gradients as the
+    eager op, every site rewritten, one compiled code shared by the blocks."""
+    batch = random_batch(2, 16, seed=0)
+    runs = {}
+    for scope in ("eager", "blocks"):
+        model = build_model("llama", "50%", seed=0, num_hidden_layers=4).double()
+        torch.manual_seed(3)
+        optimize(model, LorsConfig(r=4, lora_alpha=8), compile=False)
+        with torch.no_grad():
+            for module in lors_modules(model).values():
+                module.lora_B.normal_(0, 0.1)
+        if scope == "blocks":
+            compile_model(model, scope="blocks")
+        loss = model(**batch).loss
+        loss.backward()
+        runs[scope] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if p.grad is not None}, model)
+    torch.testing.assert_close(runs["blocks"][0], runs["eager"][0], **TOL)
+    for name, grad in runs["eager"][1].items():
+        torch.testing.assert_close(runs["blocks"][1][name], grad, **TOL)
+    state = runs["blocks"][2]._lors_state
+    assert state.fallback is None and state.graph_breaks == 0
+    # layer 1 recompiles once (dynamo then marks the layer index dynamic); 2 and 3 reuse it
+    assert 1 <= len(state.graphs) <= 2 < len(runs["blocks"][2].model.layers)
+    assert all(site.rewritten for record in state.graphs for site in record.sites.values())
+    assert "forward" not in runs["blocks"][2].__dict__  # the model's own forward is untouched
+    with pytest.raises(ValueError, match="scope"):
+        compile_model(runs["blocks"][2], scope="layers")
