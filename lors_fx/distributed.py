@@ -29,7 +29,8 @@ from torch import nn
 
 from .config import LorsConfig
 
-__all__ = ["is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters"]
+__all__ = ["is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters",
+           "sharded_audit", "weight_pattern_violations"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -215,3 +216,35 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
         fully_shard(modules, mesh=mesh, ignored_params=base, reshard_after_forward=False)
     model.lors_config = config
     return [name for name, _ in targets]
+
+
+def weight_pattern_violations(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                              scaling: float) -> int:
+    """Positions where merging the adapter would change ``W != 0`` (new or lost nonzeros), for
+    full (gathered) tensors: 0 means the adapter keeps the zero pattern."""
+    from .ops import build_merged_weight
+
+    merged = build_merged_weight(weight, lora_A, lora_B, scaling)
+    return int(((merged != 0) != (weight != 0)).sum())
+
+
+@torch.no_grad()
+def sharded_audit(model: nn.Module) -> Dict[str, int]:
+    """Check every adapted module of an FSDP2-sharded model, gathering one weight at a time.
+
+    Returns ``{"checked": modules, "violations": positions}`` on every rank (a collective).
+    A violation is a position where the merged weight's zero pattern would differ from the
+    frozen base's; the base weights must also still be frozen (raises otherwise).
+    """
+    from .adapters import lors_modules
+
+    checked = violations = 0
+    for name, module in sorted(lors_modules(model).items()):
+        if module.weight.requires_grad:
+            raise RuntimeError(f"sharded_audit: {name}.weight is trainable; LoRS trains only "
+                               f"the adapters")
+        tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t
+                   for t in (module.true_weight(), module.lora_A, module.lora_B)]
+        violations += weight_pattern_violations(*tensors, module.scaling)
+        checked += 1
+    return {"checked": checked, "violations": violations}

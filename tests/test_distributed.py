@@ -209,3 +209,40 @@ def test_compile_per_block_matches_eager_in_one_process():
     assert "forward" not in runs["blocks"][2].__dict__  # the model's own forward is untouched
     with pytest.raises(ValueError, match="scope"):
         compile_model(runs["blocks"][2], scope="layers")
+
+
+# --- the runnable example, then a merge from its files -----------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed-3"])
+def test_train_fsdp_example_then_merge(tmp_path, engine):
+    import json
+
+    from lors_fx.cli import main
+    from lors_fx.deepspeed_engine import deepspeed_missing
+    from transformers import AutoModelForCausalLM
+
+    if engine.startswith("deepspeed") and deepspeed_missing():
+        pytest.skip(deepspeed_missing())
+    out = tmp_path / "run"
+    extra = ["--engine", "deepspeed", "--zero", "3"] if engine != "fsdp2" else \
+        ["--compile", "--checkpoint", "block"]
+    launch(os.path.join(os.path.dirname(HERE), "tools", "train_fsdp.py"),
+           ["--out", str(out), "--steps", "2", "--seq", "32", "--lora-r", "4", "--lr", "1e-2",
+            *extra])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == WORLD and len(summary["losses"]) == 2
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert summary["audit"] == {"checked": 28, "violations": 0}
+    # the adapters moved away from B = 0, and merging them keeps the base's zero pattern
+    trained = AutoModelForCausalLM.from_pretrained(str(out / "base"))
+    optimize(trained, load_adapter_config(str(out / "adapters")), compile=False)
+    load_adapters(trained, str(out / "adapters"))
+    assert all(m.lora_B.abs().max() > 0 for m in lors_modules(trained).values())
+    assert main(["merge", str(out / "base"), str(out / "adapters"), "--out",
+                 str(out / "merged"), "--no-progress"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    batch = random_batch(1, 12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trained.eval()(**batch).logits,
+                                   rtol=1e-4, atol=1e-5)
