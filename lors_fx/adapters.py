@@ -328,6 +328,9 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
         raise ValueError(f"{what}: the model is sharded with FSDP2 (its weights are shards); "
                          f"save_adapters(model, dir) on every rank, then merge in one process: "
                          f"lors-fx merge BASE dir --out MERGED")
+    if any(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()):
+        raise ValueError(f"{what}: the model is partitioned by DeepSpeed ZeRO-3; "
+                         f"save_adapters_deepspeed(engine, dir), then lors-fx merge in one process")
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:

@@ -77,7 +77,14 @@ class _CompiledForward:
             from .distributed import is_sharded
             model, options = self.rescope[0](), self.rescope[1]
             if model is not None and torch.is_grad_enabled() and is_sharded(model):
-                compile_model(model, state.config, scope="blocks", **options)
+                self.rescope = None
+                try:
+                    compile_model(model, state.config, scope="blocks", **options)
+                except (ValueError, TypeError) as error:
+                    self.fall_back(f"the model was sharded after compile_model and cannot be "
+                                   f"compiled per block: {error}")
+                    with _eager_adapters(self.modules):
+                        return original(*args, **kwargs)
                 return model.forward(*args, **kwargs)
         if state.fallback is not None or not torch.is_grad_enabled():
             with _eager_adapters(self.modules):
@@ -169,8 +176,14 @@ def _clone_function(function: types.FunctionType) -> types.FunctionType:
     return clone
 
 
-def _compile_roots(model: nn.Module, scope: str) -> List[nn.Module]:
-    """The modules whose forward gets compiled: ``[model]``, or its decoder blocks."""
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def _compile_roots(model: nn.Module, scope: str, config: LorsConfig) -> List[nn.Module]:
+    """The modules whose forward gets compiled: ``[model]``, or its decoder blocks; validated
+    (nothing is changed here)."""
+    from .config import parse_checkpoint_policy
     from .distributed import decoder_blocks, is_sharded
 
     if scope not in ("auto", "model", "blocks"):
@@ -181,11 +194,23 @@ def _compile_roots(model: nn.Module, scope: str) -> List[nn.Module]:
     if scope == "model":
         return [model]
     blocks = decoder_blocks(model)
-    outside = [n for n in _adapter_modules(model)
-               if not any(n.startswith(b + ".") for b, _ in blocks)]
+    outside = [n for n in _adapter_modules(model) if not any(_inside(n, b) for b, _ in blocks)]
     if outside:
         raise ValueError(f"compile_model(scope='blocks'): adapted modules outside the decoder "
                          f"blocks would run uncompiled: {outside[:4]}")
+    kind = parse_checkpoint_policy(config.checkpoint)[0]
+    if kind not in ("none", "block"):
+        raise ValueError(f"compile_model(scope='blocks'): checkpoint={config.checkpoint!r} needs "
+                         f"the whole model in one graph; per block only 'none' or 'block' apply")
+    for name, block in blocks:
+        own = block.__dict__.get("forward")
+        if own is not None and not isinstance(own, (_CompiledForward, _EagerForward)):
+            raise TypeError(f"compile_model(scope='blocks'): block {name} has its own forward "
+                            f"attribute ({type(own).__name__}, e.g. a hook wrapper); compile "
+                            f"before adding it")
+        if not isinstance(getattr(type(block), "forward", None), types.FunctionType):
+            raise TypeError(f"compile_model(scope='blocks'): {type(block).__name__}.forward is "
+                            f"not a plain method")
     return [block for _, block in blocks]
 
 
@@ -196,18 +221,15 @@ def _install_block_forwards(model: nn.Module, roots: List[nn.Module], state: Lor
     dynamo lifts their parameters to graph inputs) and install it on every block."""
     compiled_by_function: Dict[Callable, Callable] = {}
     for block in roots:
-        original = block.forward
-        function = getattr(original, "__func__", None)
-        if not isinstance(function, types.FunctionType):
-            raise TypeError(f"compile_model(scope='blocks'): {type(block).__name__}.forward is "
-                            f"not a plain method")
+        function = type(block).forward
         compiled = compiled_by_function.get(function)
         if compiled is None:
             compiled = torch.compile(_clone_function(function), dynamic=dynamic,
                                      backend=backend_fn)
             compiled_by_function[function] = compiled
         block.forward = _CompiledForward(block, state, functools.partial(compiled, block),
-                                         modules, fallback_on_graph_break, original)
+                                         modules, fallback_on_graph_break,
+                                         types.MethodType(function, block))
     state.compiled_roots = list(roots)
 
 
@@ -264,11 +286,11 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
     """
     config = getattr(model, "lors_config", None) if config is None else config
     config = LorsConfig() if config is None else config
+    roots = _compile_roots(model, scope, config)  # validates before anything changes
     old_state = model.__dict__.get(STATE_ATTR)
     if old_state is not None and old_state.original_forward is not None:
         decompile_model(model)
     modules = list(_adapter_modules(model).values())
-    roots = _compile_roots(model, scope)
     state = LorsCompileState(config=config, original_forward=model.forward)
     _ignore_transformers_logging()
     backend_fn = backend(config, model=model, passes=passes, report_before=report_before,
@@ -299,13 +321,13 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
 
 def decompile_model(model: nn.Module) -> nn.Module:
     """Undo :func:`compile_model`: the original forward and the eager op path (state kept)."""
-    model.__dict__.pop("forward", None)
+    for module in model.modules():  # the model, compiled blocks, and a deep copy's blocks
+        if isinstance(module.__dict__.get("forward"), (_CompiledForward, _EagerForward)):
+            del module.__dict__["forward"]
     for m in _adapter_modules(model).values():
         m.emit_reference = False
     state = model.__dict__.get(STATE_ATTR)
     if state is not None:
-        for block in state.compiled_roots:
-            block.__dict__.pop("forward", None)
         state.compiled_roots = []
         state.original_forward = None
     return model

@@ -37,6 +37,8 @@ gives the eager gradients; it is allowed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import os
 from typing import Dict, List, Optional
@@ -175,8 +177,8 @@ def _is_compiled(model: nn.Module) -> bool:
     from .backend import STATE_ATTR
 
     state = model.__dict__.get(STATE_ATTR)
-    return (state is not None and getattr(state, "original_forward", None) is not None
-            and "forward" in model.__dict__)
+    # compiled whole (an instance forward) or per block (compile_model(scope="blocks"))
+    return state is not None and getattr(state, "original_forward", None) is not None
 
 
 def _zero_stage(ds_config: dict) -> int:
@@ -299,29 +301,21 @@ def full_adapter_grads(engine) -> Dict[str, Tensor]:
     return grads
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _gathered_module(lors: nn.Module):
+    """``(weight, lora_A, lora_B)`` of one LoRS module, gathered under ZeRO-3 for the duration."""
+    params = [lors.weight, lors.lora_A, lors.lora_B]
+    if _zero3_params(params):
+        with _require_deepspeed().zero.GatheredParameters(params, modifier_rank=None):
+            yield lors.true_weight(), lors.lora_A, lors.lora_B
+    else:
+        yield lors.true_weight(), lors.lora_A, lors.lora_B
+
+
 def sharded_audit_deepspeed(engine) -> Dict[str, int]:
-    """:func:`lors_fx.distributed.sharded_audit` for a DeepSpeed engine: every adapted module is
+    """:func:`lors_fx.distributed.sharded_audit` for a DeepSpeed engine: each adapted module is
     gathered in turn (ZeRO-3: ``GatheredParameters`` on that module only) and checked.
+    Collective. Returns ``{"checked": modules, "violations": positions}`` on every rank."""
+    from .distributed import sharded_audit
 
-    Collective. Returns ``{"checked": modules, "violations": positions}`` on every rank.
-    """
-    from .distributed import weight_pattern_violations
-
-    module = getattr(engine, "module", engine)
-    checked = violations = 0
-    for name, lors in sorted(_lors_modules(module).items()):
-        params = [p for p in (lors.weight, lors.lora_A, lors.lora_B)]
-        if lors.weight.requires_grad:
-            raise RuntimeError(f"sharded_audit_deepspeed: {name}.weight is trainable; LoRS "
-                               f"trains only the adapters")
-        if _zero3_params(params):
-            deepspeed = _require_deepspeed()
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                violations += weight_pattern_violations(lors.true_weight(), lors.lora_A,
-                                                        lors.lora_B, lors.scaling)
-        else:
-            violations += weight_pattern_violations(lors.true_weight(), lors.lora_A,
-                                                    lors.lora_B, lors.scaling)
-        checked += 1
-    return {"checked": checked, "violations": violations}
+    return sharded_audit(getattr(engine, "module", engine), gather=_gathered_module)

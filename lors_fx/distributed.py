@@ -20,8 +20,9 @@ process. DeepSpeed ZeRO-2/3 is in :mod:`lors_fx.deepspeed_engine`.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from torch import nn
 from .config import LorsConfig
 
 __all__ = ["is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters",
-           "sharded_audit", "weight_pattern_violations"]
+           "sharded_audit", "new_nonzeros"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -99,8 +100,15 @@ def broadcast_adapters(model: nn.Module, group=None) -> int:
         raise ValueError("broadcast_adapters: the adapters are already sharded (DTensor); "
                          "broadcast before fully_shard")
     src = dist.get_global_rank(group, 0) if group is not None else 0
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend(group) == "nccl" else None  # nccl broadcasts CUDA tensors only
     for param in params:
-        dist.broadcast(param.data, src=src, group=group)
+        if device is None or param.device == device:
+            dist.broadcast(param.data, src=src, group=group)
+        else:
+            buffer = param.data.to(device)
+            dist.broadcast(buffer, src=src, group=group)
+            param.data.copy_(buffer)
     return len(params)
 
 
@@ -128,7 +136,7 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
                          "call lors_fx.optimize(model, config) on it to add adapters")
     blocks = decoder_blocks(model)
     outside = [n for n in lors_modules(model)
-               if not any(n.startswith(b + ".") for b, _ in blocks)]
+               if not any(n == b or n.startswith(b + ".") for b, _ in blocks)]
     if outside:
         raise ValueError(f"shard_model: adapted modules outside the decoder blocks {outside[:4]}: "
                          f"they would be gathered with the root for the whole step")
@@ -218,33 +226,42 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
     return [name for name, _ in targets]
 
 
-def weight_pattern_violations(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                              scaling: float) -> int:
-    """Positions where merging the adapter would change ``W != 0`` (new or lost nonzeros), for
-    full (gathered) tensors: 0 means the adapter keeps the zero pattern."""
-    from .ops import build_merged_weight
+def new_nonzeros(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float) -> int:
+    """Positions outside ``W != 0`` where the weight the op multiplies by,
+    ``W' = W + s*(B@A)*M``, is nonzero (full tensors; the op's own construction). 0 = sparse."""
+    from .ops import _compute_dtype_params, _effective_weight
 
-    merged = build_merged_weight(weight, lora_A, lora_B, scaling)
-    return int(((merged != 0) != (weight != 0)).sum())
+    lora_A, lora_B = _compute_dtype_params(weight, lora_A, lora_B)
+    w_eff = _effective_weight(weight, lora_A, lora_B, scaling, True)
+    return int(((w_eff != 0) & (weight == 0)).sum())
+
+
+@contextlib.contextmanager
+def _gather_dtensors(module: nn.Module) -> Iterator[Tuple[torch.Tensor, ...]]:
+    yield tuple(t.full_tensor() if hasattr(t, "full_tensor") else t
+                for t in (module.true_weight(), module.lora_A, module.lora_B))
 
 
 @torch.no_grad()
-def sharded_audit(model: nn.Module) -> Dict[str, int]:
-    """Check every adapted module of an FSDP2-sharded model, gathering one weight at a time.
+def sharded_audit(model: nn.Module, gather: Optional[Callable] = None) -> Dict[str, int]:
+    """Check every adapted module of a sharded model, gathering one module at a time.
 
-    Returns ``{"checked": modules, "violations": positions}`` on every rank (a collective).
-    A violation is a position where the merged weight's zero pattern would differ from the
-    frozen base's; the base weights must also still be frozen (raises otherwise).
+    ``gather(module)``: a context manager yielding the module's full ``(weight, lora_A, lora_B)``
+    (default: FSDP2 DTensors all-gathered; :func:`lors_fx.deepspeed_engine.sharded_audit_deepspeed`
+    passes ZeRO-3's). Returns ``{"checked": modules, "violations": positions}`` on every rank (a
+    collective): a violation is a nonzero of ``W'`` where the frozen base is zero
+    (:func:`new_nonzeros`). Raises if a base weight is trainable.
     """
     from .adapters import lors_modules
 
+    gather = _gather_dtensors if gather is None else gather
     checked = violations = 0
     for name, module in sorted(lors_modules(model).items()):
         if module.weight.requires_grad:
             raise RuntimeError(f"sharded_audit: {name}.weight is trainable; LoRS trains only "
                                f"the adapters")
-        tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t
-                   for t in (module.true_weight(), module.lora_A, module.lora_B)]
-        violations += weight_pattern_violations(*tensors, module.scaling)
+        with gather(module) as (weight, lora_A, lora_B):
+            violations += new_nonzeros(weight, lora_A, lora_B, module.scaling)
         checked += 1
     return {"checked": checked, "violations": violations}

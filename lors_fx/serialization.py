@@ -50,12 +50,20 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     config = getattr(model, "lors_config", None)
     if config is None:
         raise ValueError("save_adapters: model has adapters but no lors_config attribute")
-    tensors = {}
+    tensors, gathered = {}, False
     for name, module in modules.items():
         for part in ("lora_A", "lora_B"):
-            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = _full_cpu(getattr(module, part))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_rank() != 0:
+            param = getattr(module, part)
+            if hasattr(param, "ds_id") and param.numel() == 0:
+                raise ValueError(f"save_adapters: {name}.{part} is a ZeRO-3 partition (not "
+                                 f"gathered); use lors_fx.deepspeed_engine."
+                                 f"save_adapters_deepspeed(engine, path)")
+            gathered = gathered or hasattr(param, "full_tensor")
+            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = _full_cpu(param)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        if gathered:  # every rank is here: return once rank 0 has written the files
+            torch.distributed.barrier()
         return list(modules)
     meta = config.to_dict()
     meta.update(peft_type="LORS", target_modules=list(modules), lors_fx_version=__version__,
@@ -65,6 +73,8 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    if distributed and gathered:
+        torch.distributed.barrier()
     return list(modules)
 
 

@@ -8,6 +8,7 @@ the gradient reduce is the only difference). The zero pattern must be kept exact
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,9 +43,15 @@ def launch(script: str, args, world: int = WORLD, timeout: float = 420) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                f"--master_port={free_port()}", script, *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers
+        output, _ = process.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-6000:]
     return output
 
 
@@ -246,3 +253,47 @@ def test_train_fsdp_example_then_merge(tmp_path, engine):
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, trained.eval()(**batch).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_per_block_compile_refuses_what_it_cannot_do_and_changes_nothing():
+    model = build_model("llama", "50%", seed=0)
+    optimize(model, LorsConfig(r=4, lora_alpha=8, checkpoint="every:2"), compile=False)
+    with pytest.raises(ValueError, match="every:2"):
+        compile_model(model, scope="blocks")
+    model.lors_config = LorsConfig(r=4, lora_alpha=8)
+    hook = lambda *args, **kwargs: None  # noqa: E731 - stands for a hook library's wrapper
+    model.model.layers[1].forward = hook
+    with pytest.raises(TypeError, match="own forward"):
+        compile_model(model, scope="blocks")
+    assert "forward" not in model.model.layers[0].__dict__  # nothing installed half-way
+    assert model.model.layers[1].forward is hook
+    assert "_lors_state" not in model.__dict__
+
+
+def test_deep_copy_of_a_block_compiled_model_recompiles():
+    import copy
+
+    model = build_model("llama", "50%", seed=0)
+    optimize(model, LorsConfig(r=4, lora_alpha=8), compile=False)
+    compile_model(model, scope="blocks")
+    clone = copy.deepcopy(model)
+    batch = random_batch(2, 8, seed=0)
+    clone(**batch).loss.backward()  # the copy runs eagerly
+    compile_model(clone, scope="blocks")
+    clone(**batch).loss.backward()
+    assert clone._lors_state.fallback is None and clone._lors_state.graphs
+
+
+def test_zero3_partitions_are_refused_by_save_and_merge(tmp_path):
+    from lors_fx import merge, save_adapters
+
+    model = build_model("llama", "50%", seed=0)
+    optimize(model, LorsConfig(r=4, lora_alpha=8), compile=False)
+    param = next(iter(lors_modules(model).values())).lora_A
+    param.data = torch.empty(0)  # what a ZeRO-3 partition looks like outside its forward
+    param.ds_id = 0
+    with pytest.raises(ValueError, match="save_adapters_deepspeed"):
+        save_adapters(model, str(tmp_path))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        merge(model)
+    assert not os.listdir(tmp_path)

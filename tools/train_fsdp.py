@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--compile", action="store_true", help="fsdp2 order A: compile each block")
     p.add_argument("--checkpoint", default="none",
-                   help="LorsConfig.checkpoint with --compile: none, block, every:k, budget:...")
+                   help="LorsConfig.checkpoint with --compile: 'none' or 'block' (each block "
+                        "is compiled on its own, so every:k / budget: do not apply)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
