@@ -297,3 +297,16 @@ def test_zero3_partitions_are_refused_by_save_and_merge(tmp_path):
     with pytest.raises(ValueError, match="ZeRO-3"):
         merge(model)
     assert not os.listdir(tmp_path)
+
+
+def test_new_nonzeros_counts_what_a_broken_mask_would_add(monkeypatch):
+    from lors_fx import ops
+    from lors_fx.distributed import new_nonzeros
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 12, generator=generator)
+    weight[torch.rand(16, 12, generator=generator) < 0.5] = 0
+    lora_a, lora_b = torch.randn(4, 12, generator=generator), torch.randn(16, 4, generator=generator)
+    assert new_nonzeros(weight, lora_a, lora_b, 2.0) == 0
+    monkeypatch.setattr(ops, "_apply_mask_", lambda w_eff, w: w_eff)  # the mask forgotten
+    assert new_nonzeros(weight, lora_a, lora_b, 2.0) == int((weight == 0).sum())
