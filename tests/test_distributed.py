@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "dist"))
 import _fsdp_worker as worker  # noqa: E402
 
-SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled")
+SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled",
+             "A-compiled-bf16")
 WORLD = 2
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -91,7 +92,25 @@ def _reference(out: str, scenario: str):
     return model, losses, grads
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference).norm() / reference.norm())
+
+
+def test_fsdp2_mixed_precision_is_close_to_float64(fsdp_run):
+    """bf16 compute under MixedPrecisionPolicy (compiled per block): step-0 gradients within
+    bf16 accuracy of the float64 single process (measured: 1.6% relative at most, 1.2% median;
+    5% allowed); losses to 1e-2; the zero pattern is checked with the other scenarios."""
+    result = torch.load(os.path.join(fsdp_run, "A-compiled-bf16", "result.pt"))
+    _, losses, grads = _reference(fsdp_run, "A-compiled-bf16")
+    assert result["fallback"] is None and result["graphs"] >= 1
+    errors = {name: _relative_error(result["grads"][name], grad) for name, grad in grads.items()}
+    assert max(errors.values()) < 5e-2, errors
+    assert max(errors.values()) > 0  # bf16 really was used
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-2,
+                               atol=0)
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if "bf16" not in s])
 def test_fsdp2_matches_single_process(fsdp_run, scenario):
     result = torch.load(os.path.join(fsdp_run, scenario, "result.pt"))
     reference, losses, grads = _reference(fsdp_run, scenario)

@@ -8,7 +8,8 @@ tests/dist/_fsdp_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. A scenario is ``OR
   ``fully_shard`` calls (as accelerate's ``prepare`` does; the compiled forward re-scopes itself);
 - MODE ``eager`` (``compile=False``, the op) or ``compiled`` (the lors backend, per block);
 - ``-ckpt``: ``LorsConfig(checkpoint="block")`` (the insert_checkpoints pass) with FSDP2's
-  reshard-after-forward.
+  reshard-after-forward; ``-bf16``: FSDP2's ``MixedPrecisionPolicy`` (bf16 compute, float32
+  reduce).
 
 For each scenario every rank builds the same float64 model, sets a nonzero ``lora_B`` on its shard
 and saves the starting adapters (``OUT/S/init``), runs one forward/backward on its own batch
@@ -76,9 +77,14 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
     masks = snapshot_masks(model)
     if rank == 0 and not os.path.isdir(os.path.join(out, "base")):
         model.save_pretrained(os.path.join(out, "base"))
+    options = {}
+    if "bf16" in extra:  # FSDP2 mixed precision: bf16 compute, float32 gradient reduction
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
     if order == "A":
         optimize(model, config, compile=compile)
-        shard_model(model)
+        shard_model(model, **options)
     elif order == "C":  # the user's own fully_shard calls after optimize (as accelerate does)
         from torch.distributed.fsdp import fully_shard
         optimize(model, config, compile=compile)
