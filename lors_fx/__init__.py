@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from . import distributed, ops
 from .adapters import LorsConv1D, LorsLinear, attach_adapters, find_targets, merge
-from .serialization import load_adapter_config, load_adapters, save_adapters
+from .serialization import load_adapter_config, load_adapters, restore_adapters, save_adapters
 from .config import LorsConfig
 from .init import gradient_init
 from .optimize import is_optimized, lors_modules, optimize
@@ -17,7 +17,7 @@ from .sparsity import audit, snapshot_masks, sparsity_report
 
 __all__ = ["LorsConfig", "ops", "distributed", "audit", "snapshot_masks", "sparsity_report", "__version__",
            "optimize", "is_optimized", "lors_modules", "merge", "save_adapters", "load_adapters",
-           "load_adapter_config", "gradient_init", "attach_adapters", "find_targets",
+           "load_adapter_config", "restore_adapters", "gradient_init", "attach_adapters", "find_targets",
            "LorsLinear", "LorsConv1D", "backend", "report"]
 from .backend import backend
 from .report import report

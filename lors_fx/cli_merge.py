@@ -10,7 +10,6 @@ bit-for-bit the base's (no pruned weight became nonzero, no kept weight became z
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from typing import Dict
 
@@ -21,19 +20,11 @@ __all__ = ["attach_saved_adapters", "merge_and_audit", "add_arguments", "run"]
 
 
 def attach_saved_adapters(model: nn.Module, path: str) -> nn.Module:
-    """Rebuild the adapters saved in ``path`` on ``model`` and load their values (in place).
+    """Rebuild the adapters saved in ``path`` on ``model`` and load their values (in place), on
+    the eager path: :func:`lors_fx.restore_adapters`."""
+    from .serialization import restore_adapters
 
-    The config comes from ``path/adapter_config.json`` (its ``target_modules`` are the exact
-    adapted names); the init is switched to ``"zeros"`` since the saved values replace it, and the
-    eager path is used (no compile). Raises if the model's modules do not match the file.
-    """
-    from .optimize import optimize
-    from .serialization import load_adapter_config, load_adapters
-
-    config = dataclasses.replace(load_adapter_config(path), init="zeros")
-    optimize(model, config, compile=False)
-    load_adapters(model, path)
-    return model
+    return restore_adapters(model, path)
 
 
 @torch.no_grad()

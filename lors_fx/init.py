@@ -21,6 +21,11 @@ backward per group). The batches are kept in a list (at most ``samples`` example
 
 The model runs in eval mode during the init (no dropout: the init is deterministic given the data
 and the RNG of ``svd_lowrank``); its training flag is restored afterwards.
+
+Sharded (FSDP2, adapters are DTensors): every rank runs its own batches; the per-layer ``G`` is
+summed on the first rank of the adapters' mesh (weighted by the examples of all ranks), which runs
+the SVD; each new ``lora_A`` is scattered with its parameter's placements. So ``G`` is the average
+over every rank's examples, as one process would compute it on all of them.
 """
 from __future__ import annotations
 
@@ -142,11 +147,22 @@ def _accumulate(model, modules, names, kept, loss_fn, total, bar) -> Dict[str, T
     return grads
 
 
+def _sharded_process_group(modules: Dict[str, nn.Module]):
+    """The process group of FSDP2-sharded adapters (DTensors), else None (one process)."""
+    lora_A = next(iter(modules.values())).lora_A
+    mesh = getattr(lora_A, "device_mesh", None)
+    return None if mesh is None else mesh.get_group()
+
+
+def _full(tensor: Tensor) -> Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @torch.no_grad()
 def _top_right_vectors(module: nn.Module, grad: Tensor, mask_gradient: bool, row_norm: float):
     """``(energy share of the top r, new lora_A or None when the gradient carries no signal)``."""
     if mask_gradient:
-        grad.mul_(module.true_weight() != 0)
+        grad.mul_(_full(module.true_weight()) != 0)
     energy = float(grad.pow(2).sum())
     if energy == 0.0 or not torch.isfinite(grad).all():
         return 0.0, None
@@ -207,7 +223,13 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
     if not kept:
         raise ValueError("gradient_init: batches is empty; pass an iterable of batches (dicts "
                          "with labels, or anything loss_fn(model, batch) accepts)")
+    group = _sharded_process_group(modules)
     total = sum(n for _, n in kept)
+    if group is not None:  # every rank's examples count: G is the average over all of them
+        count = torch.tensor([float(total)])
+        torch.distributed.all_reduce(count, group=group)
+        total = count.item()
+    lead = group is None or torch.distributed.get_rank(group) == 0
     groups = _groups(modules, max_gradient_bytes)
     was_training = model.training
     shares: Dict[str, float] = {}
@@ -219,14 +241,47 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
         for names in groups:
             grads = _accumulate(model, modules, names, kept, loss_fn, total, bar)
             for name in names:
-                shares[name], new_A[name] = _top_right_vectors(modules[name], grads.pop(name),
-                                                               mask_gradient, row_norm)
+                grad = grads.pop(name)
+                if group is not None:  # sum the ranks' shares of G on the first rank
+                    torch.distributed.reduce(grad, dst=torch.distributed.get_global_rank(
+                        group, 0), group=group)
+                    if mask_gradient and not lead:
+                        _full(modules[name].true_weight())  # the collective the lead runs
+                if lead:
+                    shares[name], new_A[name] = _top_right_vectors(modules[name], grad,
+                                                                   mask_gradient, row_norm)
+                del grad
     finally:
         bar.close()
         model.train(was_training)
+    if group is not None:
+        _share_from_lead(modules, shares, new_A, group)
     with torch.no_grad():  # only now, so that a failure above leaves the adapters untouched
         for name, module in modules.items():
             if new_A[name] is not None:
                 module.lora_A.copy_(new_A[name])
             module.lora_B.zero_()
     return shares
+
+
+def _share_from_lead(modules: Dict[str, nn.Module], shares: Dict[str, float],
+                     new_A: Dict[str, Optional[Tensor]], group) -> None:
+    """Sharded adapters: the first rank computed every new lora_A; scatter each as a DTensor
+    with its parameter's placements, and give every rank the same energy shares."""
+    from torch.distributed.tensor import distribute_tensor
+
+    lead = torch.distributed.get_rank(group) == 0
+    box = [(shares, {n: a is not None for n, a in new_A.items()}) if lead else None]
+    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0),
+                                            group=group)
+    shares.update(box[0][0])
+    for name, module in modules.items():
+        lora_A = module.lora_A
+        if not box[0][1][name]:
+            new_A[name] = None  # no signal: keep the init, on every rank
+            continue
+        local = new_A.get(name)
+        if local is None:  # placeholder: distribute_tensor sends the first rank's values
+            local = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=lora_A.device)
+        new_A[name] = distribute_tensor(local, lora_A.device_mesh, lora_A.placements,
+                                        src_data_rank=0)

@@ -52,11 +52,10 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
         from .compiled_model import compile_model  # imported before any change to the model
     from .distributed import attach_sharded, is_sharded
     if is_sharded(model):  # FSDP2 already sharded it (order B in lors_fx.distributed)
-        if config.init == "gradient":
-            raise ValueError("optimize: init='gradient' needs the unsharded model; run optimize "
-                             "before lors_fx.distributed.shard_model (order A), or init in one "
-                             "process and load the adapters")
         attach_sharded(model, config)  # checks everything before it changes the model
+        if config.init == "gradient":  # every rank's batches; G summed on the first rank
+            from .init import gradient_init
+            gradient_init(model, init_data, loss_fn=loss_fn, config=config)
         if compile:
             warnings.warn("lors_fx.optimize: the model was sharded before the adapters were "
                           "attached, so FSDP2 hooks every adapted module and a compiled block "

@@ -17,7 +17,7 @@ from .adapters import lors_modules
 from .config import LorsConfig
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "save_adapters", "load_adapters",
-           "load_adapter_config"]
+           "load_adapter_config", "restore_adapters"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -159,3 +159,20 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
     for key, param in expected.items():
         param.copy_(tensors[key])
     return list(modules)
+
+
+def restore_adapters(model: nn.Module, path: str, *, compile: bool = False) -> nn.Module:
+    """Rebuild the adapters saved in ``path`` on a fresh ``model`` and load their values.
+
+    :func:`load_adapter_config` + :func:`lors_fx.optimize` (with ``init="zeros"``: the saved
+    values replace any init, so adapters trained with gradient init need no data here) +
+    :func:`load_adapters`. Raises if the model's modules do not match the file; returns ``model``.
+    """
+    import dataclasses
+
+    from .optimize import optimize
+
+    config = dataclasses.replace(load_adapter_config(path), init="zeros")
+    optimize(model, config, compile=compile)
+    load_adapters(model, path)
+    return model

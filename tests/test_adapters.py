@@ -1,5 +1,6 @@
 """Adapters: attach (targets, keys, freezing, errors that change nothing), forward vs the float64
 reference (Linear and GPT-2 Conv1D, dropout), merge (outputs, bit-exact zero pattern), save/load."""
+import dataclasses
 import json
 import os
 
@@ -297,3 +298,23 @@ def test_load_errors_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="no LoRS adapters"):
         load_adapters(build_toy_llama(), str(tmp_path / "good"))
     assert_unchanged(target, snap)
+
+
+def test_restore_adapters_of_a_gradient_init_run_needs_no_data(tmp_path):
+    from lors_fx import restore_adapters
+
+    model = _optimized()
+    randomize_adapters(model, 6)
+    model.lors_config = dataclasses.replace(model.lors_config, init="gradient")
+    save_adapters(model, str(tmp_path))
+    assert load_adapter_config(str(tmp_path)).init == "gradient"  # the record is kept
+    fresh = restore_adapters(build_toy_llama(seed=0), str(tmp_path))
+    assert fresh.lors_config.init == "zeros"
+    for name, module in lors_modules(model).items():
+        assert torch.equal(module.lora_A, fresh.get_submodule(name).lora_A)
+        assert torch.equal(module.lora_B, fresh.get_submodule(name).lora_B)
+    other = build_toy_llama(seed=0)
+    del other.model.layers[1]
+    with pytest.raises(ValueError, match="unknown target module"):
+        restore_adapters(other, str(tmp_path))
+    assert not lors_modules(other)  # a failed restore leaves the model as it was

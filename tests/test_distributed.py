@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from lors_fx import LorsConfig, load_adapter_config, load_adapters, lors_modules, optimize
+from lors_fx import LorsConfig, lors_modules, optimize, restore_adapters
 from lors_fx.compiled_model import compile_model
 from lors_fx.distributed import decoder_blocks, is_sharded, shard_model
 from lors_fx.tiny_models import build_model, build_tiny, random_batch
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "dist"))
 import _fsdp_worker as worker  # noqa: E402
 
 SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled",
-             "A-compiled-bf16")
+             "A-compiled-bf16", "B-eager-ginit")
 WORLD = 2
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -66,10 +66,7 @@ def fsdp_run(tmp_path_factory):
 
 
 def _load(folder: str) -> nn.Module:
-    model = worker.base_model()
-    optimize(model, load_adapter_config(folder), compile=False)
-    load_adapters(model, folder)
-    return model
+    return restore_adapters(worker.base_model(), folder)
 
 
 def _reference(out: str, scenario: str):
@@ -108,6 +105,30 @@ def test_fsdp2_mixed_precision_is_close_to_float64(fsdp_run):
     assert max(errors.values()) > 0  # bf16 really was used
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-2,
                                atol=0)
+
+
+def test_gradient_init_on_the_sharded_model_averages_every_rank(fsdp_run):
+    """Order B with init="gradient": each rank runs its own batch, G is summed on rank 0. The
+    top-r row space of lora_A must match one process's gradient init on both batches. The SVD is
+    randomized (svd_lowrank), so projections are compared: measured 2.4% at most, 0.1% median;
+    rank 0's batch alone gives ~100% (what a missing reduction would give)."""
+    import torch.linalg
+
+    sharded = restore_adapters(worker.base_model(), os.path.join(fsdp_run, "B-eager-ginit",
+                                                                 "init"))
+    reference = worker.base_model()
+    optimize(reference, LorsConfig(**worker.CONFIG, init="gradient"), compile=False,
+             init_data=[worker.init_batch(rank) for rank in range(WORLD)])
+    errors = []
+    for name, module in lors_modules(reference).items():
+        mine, theirs = module.lora_A, lors_modules(sharded)[name].lora_A
+        torch.testing.assert_close(torch.linalg.norm(theirs, dim=1),
+                                   torch.full((theirs.shape[0],), 3 ** -0.5, dtype=theirs.dtype),
+                                   rtol=1e-5, atol=0)  # G is accumulated in float32
+        p, q = mine.t() @ mine, theirs.t() @ theirs
+        errors.append(float((p - q).norm() / p.norm()))
+    errors.sort()
+    assert errors[-1] < 0.1 and errors[len(errors) // 2] < 0.01, errors
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if "bf16" not in s])
@@ -262,8 +283,7 @@ def test_train_fsdp_example_then_merge(tmp_path, engine):
     assert summary["audit"] == {"checked": 28, "violations": 0}
     # the adapters moved away from B = 0, and merging them keeps the base's zero pattern
     trained = AutoModelForCausalLM.from_pretrained(str(out / "base"))
-    optimize(trained, load_adapter_config(str(out / "adapters")), compile=False)
-    load_adapters(trained, str(out / "adapters"))
+    restore_adapters(trained, str(out / "adapters"))
     assert all(m.lora_B.abs().max() > 0 for m in lors_modules(trained).values())
     assert main(["merge", str(out / "base"), str(out / "adapters"), "--out",
                  str(out / "merged"), "--no-progress"]) == 0

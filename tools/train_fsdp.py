@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16, help="adapter rank")
     p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--init", choices=("zeros", "gradient"), default="gradient",
+                   help="adapter init: 'gradient' (LoRS; each rank's first 2 batches, G averaged "
+                        "over all ranks) or 'zeros' (PEFT's)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--compile", action="store_true", help="fsdp2 order A: compile each block")
     p.add_argument("--checkpoint", default="none",
@@ -125,23 +128,29 @@ def main(argv=None) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(args.out, "base"))
     model.to(device)
-    config = LorsConfig(r=args.lora_r, lora_alpha=args.lora_alpha, checkpoint=args.checkpoint)
+    config = LorsConfig(r=args.lora_r, lora_alpha=args.lora_alpha, checkpoint=args.checkpoint,
+                        init=args.init)
+    data = batches(args, tokenizer, rank, world, model.config.vocab_size)
+    init = {}
+    if args.init == "gradient":
+        init["init_data"] = [{k: v.to(device) for k, v in next(data).items()} for _ in range(2)]
     engine = None
     if args.engine == "deepspeed":
         from lors_fx.deepspeed_engine import initialize, zero_config
-        optimize(model, config, compile=False)
+        from lors_fx.distributed import broadcast_adapters
+        optimize(model, config, compile=False, **init)
+        broadcast_adapters(model)  # each rank's init saw its own data: rank 0's for all
         engine = initialize(model, zero_config(args.zero, micro_batch_size=args.batch,
                                                lr=args.lr, bf16=args.dtype == "bf16"))
     else:
-        if args.order == "A":
-            optimize(model, config, compile=args.compile)
+        if args.order == "A":  # init on each rank's full model; shard_model broadcasts rank 0's
+            optimize(model, config, compile=args.compile, **init)
             shard_model(model)
-        else:
+        else:  # init on the sharded model: G averaged over every rank's batches
             shard_model(model)
-            optimize(model, config, compile=False)
+            optimize(model, config, compile=False, **init)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr)
-    data = batches(args, tokenizer, rank, world, model.config.vocab_size)
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
         batch = {k: v.to(device) for k, v in next(data).items()}

@@ -9,7 +9,8 @@ tests/dist/_fsdp_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. A scenario is ``OR
 - MODE ``eager`` (``compile=False``, the op) or ``compiled`` (the lors backend, per block);
 - ``-ckpt``: ``LorsConfig(checkpoint="block")`` (the insert_checkpoints pass) with FSDP2's
   reshard-after-forward; ``-bf16``: FSDP2's ``MixedPrecisionPolicy`` (bf16 compute, float32
-  reduce).
+  reduce); ``-ginit``: gradient init on the sharded model (order B), each rank on its own
+  :func:`init_batch`.
 
 For each scenario every rank builds the same float64 model, sets a nonzero ``lora_B`` on its shard
 and saves the starting adapters (``OUT/S/init``), runs one forward/backward on its own batch
@@ -42,6 +43,13 @@ def step_batch(rank: int, step: int, world: int):
     return random_batch(2, 16, seed=rank if step == 0 else 100 + step * world + rank)
 
 
+def init_batch(rank: int):
+    """This rank's gradient-init batch (``-ginit``)."""
+    from lors_fx.tiny_models import random_batch
+
+    return random_batch(2, 16, seed=50 + rank)
+
+
 def base_model():
     from lors_fx.tiny_models import build_model
 
@@ -71,7 +79,9 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
     from lors_fx.distributed import shard_model
 
     order, mode, *extra = scenario.split("-")
-    config = LorsConfig(**CONFIG, checkpoint="block" if "ckpt" in extra else "none")
+    config = LorsConfig(**CONFIG, checkpoint="block" if "ckpt" in extra else "none",
+                        init="gradient" if "ginit" in extra else "zeros")
+    init = dict(init_data=[init_batch(rank)]) if "ginit" in extra else {}
     compile = mode == "compiled"
     model = base_model()
     masks = snapshot_masks(model)
@@ -93,7 +103,7 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
         fully_shard(model)
     else:
         shard_model(model)
-        optimize(model, config, compile=compile)
+        optimize(model, config, compile=compile, **init)
     generator = torch.Generator().manual_seed(1234 + rank)
     with torch.no_grad():
         for _, module in sorted(lors_modules(model).items()):
