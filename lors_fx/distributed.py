@@ -81,6 +81,30 @@ def _require_process_group() -> None:
                            "'nccl' on GPU)")
 
 
+def mesh_group(mesh):
+    """The process group over every rank of ``mesh``: its group for a 1-D mesh; for a 2-D HSDP
+    mesh (replicate x shard) that spans the world, ``None`` (the default group)."""
+    if mesh is None or mesh.ndim == 1:
+        return None if mesh is None else mesh.get_group()
+    if mesh.size() != dist.get_world_size():
+        raise NotImplementedError(f"lors_fx.distributed: a {mesh.ndim}-D mesh of {mesh.size()} "
+                                  f"ranks in a world of {dist.get_world_size()}: only data "
+                                  f"parallel meshes (FSDP, or HSDP over the whole world)")
+    return None
+
+
+def comm_device(group) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device for nccl, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def first_rank(group) -> int:
+    """Global rank of ``group``'s first rank (0 for the default group)."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
 def _adapter_params(model: nn.Module) -> List[nn.Parameter]:
     from .adapters import lors_modules
 
@@ -99,11 +123,9 @@ def broadcast_adapters(model: nn.Module, group=None) -> int:
     if any(hasattr(p, "full_tensor") for p in params):
         raise ValueError("broadcast_adapters: the adapters are already sharded (DTensor); "
                          "broadcast before fully_shard")
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend(group) == "nccl" else None  # nccl broadcasts CUDA tensors only
+    src, device = first_rank(group), comm_device(group)
     for param in params:
-        if device is None or param.device == device:
+        if param.device == device:
             dist.broadcast(param.data, src=src, group=group)
         else:
             buffer = param.data.to(device)
@@ -145,7 +167,7 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
     if recompile:
         decompile_model(model)
     if lors_modules(model):
-        broadcast_adapters(model, group=None if mesh is None else mesh.get_group())
+        broadcast_adapters(model, group=mesh_group(mesh))
     options = dict(mesh=mesh, mp_policy=mp_policy) if mp_policy is not None else dict(mesh=mesh)
     for _, block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
@@ -212,7 +234,7 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
     mesh = targets[0][1].weight.device_mesh
-    broadcast_adapters(model, group=mesh.get_group())
+    broadcast_adapters(model, group=mesh_group(mesh))
     # Adapters stay gathered from forward to the end of backward (they are r*(d_in+d_out) per
     # module): their backward then needs no re-gather, so FSDP2's warning about outputs that are
     # views (an in-place op on one would skip a pre-backward re-gather) does not apply to them.

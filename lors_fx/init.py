@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .adapters import lors_modules
 from .config import LorsConfig
+from .distributed import comm_device, first_rank
 
 __all__ = ["gradient_init", "DEFAULT_GRADIENT_BYTES", "PEFT_ROW_NORM"]
 
@@ -148,10 +149,13 @@ def _accumulate(model, modules, names, kept, loss_fn, total, bar) -> Dict[str, T
 
 
 def _sharded_process_group(modules: Dict[str, nn.Module]):
-    """The process group of FSDP2-sharded adapters (DTensors), else None (one process)."""
+    """``(mesh, process group)`` of FSDP2-sharded adapters (DTensors), else None (one
+    process)."""
+    from .distributed import mesh_group
+
     lora_A = next(iter(modules.values())).lora_A
     mesh = getattr(lora_A, "device_mesh", None)
-    return None if mesh is None else mesh.get_group()
+    return (mesh, mesh_group(mesh)) if mesh is not None else None
 
 
 def _full(tensor: Tensor) -> Tensor:
@@ -223,13 +227,14 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
     if not kept:
         raise ValueError("gradient_init: batches is empty; pass an iterable of batches (dicts "
                          "with labels, or anything loss_fn(model, batch) accepts)")
-    group = _sharded_process_group(modules)
+    sharded = _sharded_process_group(modules)
+    group = None if sharded is None else sharded[1]
     total = sum(n for _, n in kept)
-    if group is not None:  # every rank's examples count: G is the average over all of them
-        count = torch.tensor([float(total)])
+    if sharded is not None:  # every rank's examples count: G is the average over all of them
+        count = torch.tensor([float(total)], device=comm_device(group))
         torch.distributed.all_reduce(count, group=group)
         total = count.item()
-    lead = group is None or torch.distributed.get_rank(group) == 0
+    lead = sharded is None or torch.distributed.get_rank(group) == 0
     groups = _groups(modules, max_gradient_bytes)
     was_training = model.training
     shares: Dict[str, float] = {}
@@ -242,9 +247,8 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
             grads = _accumulate(model, modules, names, kept, loss_fn, total, bar)
             for name in names:
                 grad = grads.pop(name)
-                if group is not None:  # sum the ranks' shares of G on the first rank
-                    torch.distributed.reduce(grad, dst=torch.distributed.get_global_rank(
-                        group, 0), group=group)
+                if sharded is not None:  # sum the ranks' shares of G on the first rank
+                    torch.distributed.reduce(grad, dst=first_rank(group), group=group)
                     if mask_gradient and not lead:
                         _full(modules[name].true_weight())  # the collective the lead runs
                 if lead:
@@ -254,7 +258,7 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
     finally:
         bar.close()
         model.train(was_training)
-    if group is not None:
+    if sharded is not None:
         _share_from_lead(modules, shares, new_A, group)
     with torch.no_grad():  # only now, so that a failure above leaves the adapters untouched
         for name, module in modules.items():
@@ -272,8 +276,7 @@ def _share_from_lead(modules: Dict[str, nn.Module], shares: Dict[str, float],
 
     lead = torch.distributed.get_rank(group) == 0
     box = [(shares, {n: a is not None for n, a in new_A.items()}) if lead else None]
-    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0),
-                                            group=group)
+    torch.distributed.broadcast_object_list(box, src=first_rank(group), group=group)
     shares.update(box[0][0])
     for name, module in modules.items():
         lora_A = module.lora_A

@@ -1,7 +1,8 @@
 """LoRS under FSDP2: two gloo processes on CPU against a single-process float64 reference.
 
-The 2-rank run is tests/dist/_fsdp_worker.py (one launch, five scenarios: orders A/B/C, eager,
-compiled per block, compiled with block checkpointing). Tolerances: float64 throughout, so losses,
+The 2-rank run is tests/dist/_fsdp_worker.py (one launch, nine scenarios: orders A/B/C, eager,
+compiled per block, block checkpointing, bf16 mixed precision, gradient init on the sharded model,
+HSDP on a 2-D mesh). Tolerances: float64 throughout, so losses,
 gradients, adapters after 3 AdamW steps and logits must agree to 1e-9 relative (summation order of
 the gradient reduce is the only difference). The zero pattern must be kept exactly.
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(HERE, "dist"))
 import _fsdp_worker as worker  # noqa: E402
 
 SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled",
-             "A-compiled-bf16", "B-eager-ginit")
+             "A-compiled-bf16", "B-eager-ginit", "A-eager-hsdp", "B-eager-hsdp-ginit")
 WORLD = 2
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -107,21 +108,21 @@ def test_fsdp2_mixed_precision_is_close_to_float64(fsdp_run):
                                atol=0)
 
 
-def test_gradient_init_on_the_sharded_model_averages_every_rank(fsdp_run):
+@pytest.mark.parametrize("scenario", ["B-eager-ginit", "B-eager-hsdp-ginit"])
+def test_gradient_init_on_the_sharded_model_averages_every_rank(fsdp_run, scenario):
     """Order B with init="gradient": each rank runs its own batch, G is summed on rank 0. The
     top-r row space of lora_A must match one process's gradient init on both batches. The SVD is
     randomized (svd_lowrank), so projections are compared: measured 2.4% at most, 0.1% median;
     rank 0's batch alone gives ~100% (what a missing reduction would give)."""
     import torch.linalg
 
-    sharded = restore_adapters(worker.base_model(), os.path.join(fsdp_run, "B-eager-ginit",
-                                                                 "init"))
+    sharded = restore_adapters(worker.base_model(), os.path.join(fsdp_run, scenario, "init"))
     reference = worker.base_model()
     optimize(reference, LorsConfig(**worker.CONFIG, init="gradient"), compile=False,
              init_data=[worker.init_batch(rank) for rank in range(WORLD)])
     errors = []
     for name, module in lors_modules(reference).items():
-        mine, theirs = module.lora_A, lors_modules(sharded)[name].lora_A
+        mine, theirs = module.lora_A.detach(), lors_modules(sharded)[name].lora_A.detach()
         torch.testing.assert_close(torch.linalg.norm(theirs, dim=1),
                                    torch.full((theirs.shape[0],), 3 ** -0.5, dtype=theirs.dtype),
                                    rtol=1e-5, atol=0)  # G is accumulated in float32

@@ -10,10 +10,10 @@ tests/dist/_fsdp_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. A scenario is ``OR
 - ``-ckpt``: ``LorsConfig(checkpoint="block")`` (the insert_checkpoints pass) with FSDP2's
   reshard-after-forward; ``-bf16``: FSDP2's ``MixedPrecisionPolicy`` (bf16 compute, float32
   reduce); ``-ginit``: gradient init on the sharded model (order B), each rank on its own
-  :func:`init_batch`.
+  :func:`init_batch`; ``-hsdp``: a 2-D mesh (replicate x shard = 2 x 1).
 
-For each scenario every rank builds the same float64 model, sets a nonzero ``lora_B`` on its shard
-and saves the starting adapters (``OUT/S/init``), runs one forward/backward on its own batch
+For each scenario every rank builds the same float64 model, sets the same nonzero ``lora_B``
+(distributed with its parameter's placements) and saves the starting adapters (``OUT/S/init``), runs one forward/backward on its own batch
 (``random_batch(seed=rank)``) and records the loss and the full adapter gradients, then takes
 :data:`STEPS` AdamW steps, audits the zero pattern of the weights the op actually uses (an
 identity input through the op gives ``W'ᵀ``), saves the adapters (``OUT/S/final``, written by rank
@@ -92,6 +92,10 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                     reduce_dtype=torch.float32)
+    if "hsdp" in extra:  # 2 replicas x 1 shard: HSDP's all-reduce across the replicas
+        from torch.distributed.device_mesh import init_device_mesh
+        options["mesh"] = init_device_mesh("cpu", (world, 1),
+                                           mesh_dim_names=("replicate", "shard"))
     if order == "A":
         optimize(model, config, compile=compile)
         shard_model(model, **options)
@@ -102,13 +106,15 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
             fully_shard(layer)
         fully_shard(model)
     else:
-        shard_model(model)
+        shard_model(model, **options)
         optimize(model, config, compile=compile, **init)
-    generator = torch.Generator().manual_seed(1234 + rank)
+    from torch.distributed.tensor import distribute_tensor
+    generator = torch.Generator().manual_seed(1234)  # the same full lora_B on every rank
     with torch.no_grad():
         for _, module in sorted(lors_modules(model).items()):
-            local = module.lora_B.to_local()
-            local.copy_(torch.randn(local.shape, generator=generator, dtype=local.dtype) * 0.1)
+            lora_B = module.lora_B
+            full = torch.randn(lora_B.shape, generator=generator, dtype=lora_B.dtype) * 0.1
+            lora_B.copy_(distribute_tensor(full, lora_B.device_mesh, lora_B.placements))
     folder = os.path.join(out, scenario)
     save_adapters(model, os.path.join(folder, "init"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
