@@ -30,8 +30,14 @@ from torch import nn
 
 from .config import LorsConfig
 
-__all__ = ["is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters",
+__all__ = ["full_tensor", "is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters",
            "sharded_audit", "new_nonzeros"]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (an FSDP2 shard) is all-gathered, a collective every rank
+    of its mesh must join; a plain tensor is returned as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -261,8 +267,7 @@ def new_nonzeros(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 
 @contextlib.contextmanager
 def _gather_dtensors(module: nn.Module) -> Iterator[Tuple[torch.Tensor, ...]]:
-    yield tuple(t.full_tensor() if hasattr(t, "full_tensor") else t
-                for t in (module.true_weight(), module.lora_A, module.lora_B))
+    yield tuple(full_tensor(t) for t in (module.true_weight(), module.lora_A, module.lora_B))
 
 
 @torch.no_grad()

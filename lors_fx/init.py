@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .adapters import lors_modules
 from .config import LorsConfig
-from .distributed import comm_device, first_rank
+from .distributed import comm_device, first_rank, full_tensor
 
 __all__ = ["gradient_init", "DEFAULT_GRADIENT_BYTES", "PEFT_ROW_NORM"]
 
@@ -158,15 +158,11 @@ def _sharded_process_group(modules: Dict[str, nn.Module]):
     return (mesh, mesh_group(mesh)) if mesh is not None else None
 
 
-def _full(tensor: Tensor) -> Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 @torch.no_grad()
 def _top_right_vectors(module: nn.Module, grad: Tensor, mask_gradient: bool, row_norm: float):
     """``(energy share of the top r, new lora_A or None when the gradient carries no signal)``."""
     if mask_gradient:
-        grad.mul_(_full(module.true_weight()) != 0)
+        grad.mul_(full_tensor(module.true_weight()) != 0)
     energy = float(grad.pow(2).sum())
     if energy == 0.0 or not torch.isfinite(grad).all():
         return 0.0, None
@@ -250,7 +246,7 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
                 if sharded is not None:  # sum the ranks' shares of G on the first rank
                     torch.distributed.reduce(grad, dst=first_rank(group), group=group)
                     if mask_gradient and not lead:
-                        _full(modules[name].true_weight())  # the collective the lead runs
+                        full_tensor(modules[name].true_weight())  # the collective the lead runs
                 if lead:
                     shares[name], new_A[name] = _top_right_vectors(modules[name], grad,
                                                                    mask_gradient, row_norm)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapters import lors_modules
 from .config import LorsConfig
+from .distributed import full_tensor
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "save_adapters", "load_adapters",
            "load_adapter_config", "restore_adapters"]
@@ -23,14 +24,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _KEY_PREFIX = "base_model.model."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU: a DTensor (FSDP2 shard) is all-gathered first (a collective)."""
-    full = getattr(tensor, "full_tensor", None)
-    if callable(full):
-        tensor = full()
-    return tensor.detach().to("cpu").contiguous()
 
 
 def save_adapters(model: nn.Module, path: str) -> List[str]:
@@ -59,7 +52,7 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
                                  f"gathered); use lors_fx.deepspeed_engine."
                                  f"save_adapters_deepspeed(engine, path)")
             gathered = gathered or hasattr(param, "full_tensor")
-            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = _full_cpu(param)
+            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = full_tensor(param).detach().to("cpu").contiguous()
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
         if gathered:  # every rank is here: return once rank 0 has written the files

@@ -40,10 +40,9 @@ def sparsity_of(weight: torch.Tensor) -> float:
     numel = weight.numel()
     if numel == 0:
         return 0.0
-    zeros = (weight == 0).sum()
-    if hasattr(zeros, "full_tensor"):  # a DTensor shard (FSDP2): the count over all ranks
-        zeros = zeros.full_tensor()
-    return float(zeros.item()) / numel
+    from .distributed import full_tensor  # a DTensor shard (FSDP2): the count over all ranks
+
+    return float(full_tensor((weight == 0).sum()).item()) / numel
 
 
 def _holds_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:

@@ -51,6 +51,7 @@ if _REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, _REPO)
 
 import lors_fx  # noqa: E402
+from lors_fx.distributed import full_tensor  # noqa: E402
 from lors_fx.tiny_models import build_model, random_batch  # noqa: E402
 
 #: Seeds of the training batch (every step) and of the fixed batch whose logits are saved.
@@ -128,12 +129,6 @@ def rank_batch(batch: int, seq: int, rank: int, world: int) -> Dict[str, torch.T
     return {k: v[rank * batch:(rank + 1) * batch] for k, v in full.items()}
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor shard is all-gathered (a collective on every rank)."""
-    gather = getattr(tensor, "full_tensor", None)
-    return (gather() if callable(gather) else tensor).detach().cpu()
-
-
 def gathered_linears(model: nn.Module) -> nn.Module:
     """A stand-in module tree holding every ``nn.Linear``'s whole weight under its own name.
 
@@ -144,7 +139,7 @@ def gathered_linears(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        full = _full(module.weight)
+        full = full_tensor(module.weight).detach().cpu()  # a collective on every rank
         parent = root
         *path, leaf = name.split(".")
         for part in path:

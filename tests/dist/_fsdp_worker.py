@@ -60,13 +60,13 @@ def effective_weight_violations(model, masks) -> int:
     """Nonzeros outside the saved mask in the weights the op computes (gathered), over all
     adapted modules."""
     from lors_fx import lors_modules
+    from lors_fx.distributed import full_tensor
     from lors_fx.ops import sparse_lora_linear
 
     bad = 0
     with torch.no_grad():
         for name, module in sorted(lors_modules(model).items()):
-            full = [t.full_tensor() if hasattr(t, "full_tensor") else t
-                    for t in (module.weight, module.lora_A, module.lora_B)]
+            full = [full_tensor(t) for t in (module.weight, module.lora_A, module.lora_B)]
             weight, lora_a, lora_b = full
             eye = torch.eye(weight.shape[1], dtype=weight.dtype)
             w_t = sparse_lora_linear(eye, weight, lora_a, lora_b, scaling=module.scaling)
