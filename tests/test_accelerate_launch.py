@@ -19,9 +19,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -35,6 +32,9 @@ from lors_fx.tiny_models import build_model, random_batch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "train_accelerate.py")
 CONFIG = os.path.join(REPO, "tools", "accelerate_fsdp2.yaml")
+sys.path.insert(0, os.path.join(REPO, "tests", "dist"))
+from _launch import free_port, run_in_session  # noqa: E402
+
 STEPS, WORLD = 3, 2
 LOGITS_ATOL = 1e-5    # fp32: same math, the FSDP run only all-gathers the weights
 TRAINING_ATOL = 1e-5  # FSDP's averaged gradients vs one full-batch gradient: rounding only
@@ -47,12 +47,6 @@ def _script():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
@@ -60,18 +54,10 @@ def _launch(out, *extra):
                  "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIG,
-               "--num_processes", str(WORLD), "--main_process_port", str(_free_port()),
+               "--num_processes", str(WORLD), "--main_process_port", str(free_port()),
                SCRIPT, "--steps", str(STEPS), "--out", str(out), *extra]
-    # Own session: on a timeout the launcher AND its torchrun workers are killed.
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"accelerate launch timed out (240 s):\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    assert process.returncode == 0, f"accelerate launch failed:\n{stdout}\n{stderr[-6000:]}"
+    code, stdout, stderr = run_in_session(command, timeout=240, env=env, cwd=REPO)
+    assert code == 0, f"accelerate launch failed:\n{stdout}\n{stderr[-6000:]}"
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as handle:
         return json.load(handle), stdout
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +35,9 @@ from lors_fx.deepspeed_engine import (deepspeed_missing, external_parameters, in
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER_PATH = os.path.join(HERE, "dist", "_ds_worker.py")
+sys.path.insert(0, os.path.join(HERE, "dist"))
+from _launch import free_port, run_in_session  # noqa: E402
+
 WORLD = 2
 TIMEOUT_S = 240
 GRAD_RTOL = 1e-6    # relative to the largest gradient entry (float32 ZeRO gradient partitions)
@@ -54,33 +55,21 @@ def _load_worker():
 worker = _load_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(stage: int, out_dir: str, compile: bool = False) -> str:
     """Run the worker on 2 ranks; returns its output. Kills the whole process group on timeout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     output = ""
     for _attempt in range(2):  # a second try only if the free port was taken meanwhile
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                    WORKER_PATH, str(stage), out_dir] + (["--compile"] if compile else [])
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = process.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"ZeRO-{stage} worker timed out after {TIMEOUT_S} s:\n{output[-4000:]}")
-        if process.returncode == 0:
+        code, stdout, stderr = run_in_session(command, timeout=TIMEOUT_S, env=env, cwd=REPO)
+        output = stdout + stderr
+        if code == 0:
             return output
         if "EADDRINUSE" not in output:
             break
-    pytest.fail(f"ZeRO-{stage} worker failed (exit {process.returncode}):\n{output[-6000:]}")
+    pytest.fail(f"ZeRO-{stage} worker failed (exit {code}):\n{output[-6000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ the gradient reduce is the only difference). The zero pattern must be kept exact
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -27,6 +24,7 @@ from lors_fx.tiny_models import build_model, build_tiny, random_batch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "dist"))
 import _fsdp_worker as worker  # noqa: E402
+from _launch import free_port, run_in_session  # noqa: E402
 
 SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled",
              "A-compiled-bf16", "B-eager-ginit", "A-eager-hsdp", "B-eager-hsdp-ginit")
@@ -34,27 +32,14 @@ WORLD = 2
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(script: str, args, world: int = WORLD, timeout: float = 420) -> str:
     """Run ``script`` under torch.distributed.run with ``world`` processes; its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                f"--master_port={free_port()}", script, *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers
-        output, _ = process.communicate()
-        pytest.fail(f"{script} did not finish in {timeout} s:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-6000:]
-    return output
+    code, stdout, stderr = run_in_session(command, timeout=timeout, env=env)
+    assert code == 0, (stdout + stderr)[-6000:]
+    return stdout + stderr
 
 
 @pytest.fixture(scope="module")

@@ -180,16 +180,21 @@ def test_write_local_tasks(tmp_path):
         write_local_tasks(DATA, tmp_path, ["mmlu"])
 
 
-@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
-def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
+def _byte_llama():
+    """A 1-layer Llama over the byte vocabulary of :func:`byte_tokenizer` (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=257,
-                                         eos_token_id=256, bos_token_id=256, pad_token_id=256))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, vocab_size=257,
+                                        eos_token_id=256, bos_token_id=256, pad_token_id=256))
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
+def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = _byte_llama()
     tokenizer = byte_tokenizer()
     results = zero_shot(model, tokenizer, PAPER_TASKS, tasks_dir=str(DATA))
     assert set(results) == set(PAPER_TASKS)
@@ -217,17 +222,11 @@ def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
 
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
 def test_cli_eval_with_adapters_and_local_tasks(tmp_path, monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lors_fx import LorsConfig, cli, optimize, save_adapters
     from lors_fx.prune import magnitude_prune_
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=257,
-                                         eos_token_id=256, bos_token_id=256, pad_token_id=256))
+    model = _byte_llama()
     magnitude_prune_(model, 0.5)
     model.save_pretrained(tmp_path / "base")
     byte_tokenizer().save_pretrained(tmp_path / "base")
