@@ -1,23 +1,26 @@
 """lors_fx: sparsity-preserving low-rank fine-tuning (LoRS) for pruned LLMs.
 
-Public API: :class:`LorsConfig`, :func:`optimize`, :func:`merge`, :func:`save_adapters`,
-:func:`load_adapters`, :func:`gradient_init`, :func:`report`, the op
-:func:`lors_fx.ops.sparse_lora_linear`, FSDP2 support in :mod:`lors_fx.distributed` and DeepSpeed
-ZeRO in :mod:`lors_fx.deepspeed_engine` (imported on demand).
+Public API: :class:`LorsConfig`, :func:`optimize`, :func:`merge`, :func:`remove_adapters`,
+:func:`save_adapters`, :func:`load_adapters`, :func:`restore_adapters`, :func:`gradient_init`,
+:func:`report`, :func:`backend`, :func:`state_of`, the op :func:`lors_fx.ops.sparse_lora_linear`,
+FSDP2 support in :mod:`lors_fx.distributed` and DeepSpeed ZeRO in
+:mod:`lors_fx.distributed.deepspeed` (imported on demand). The layers of the package are described
+in the README ("Layout").
 """
-__version__ = "0.1.0"
+from lors_fx._version import __version__
+from lors_fx import distributed, ops
+from lors_fx.adapters import LorsConv1D, LorsLinear, attach_adapters, find_targets
+from lors_fx.api import (is_optimized, lors_modules, merge, optimize, remove_adapters,
+                         restore_adapters)
+from lors_fx.compiler import backend, report
+from lors_fx.config import LorsConfig
+from lors_fx.init import gradient_init
+from lors_fx.serialization import load_adapter_config, load_adapters, save_adapters
+from lors_fx.sparsity import audit, snapshot_masks, sparsity_report
+from lors_fx.state import LorsState, state_of
 
-from . import distributed, ops
-from .adapters import LorsConv1D, LorsLinear, attach_adapters, find_targets, merge
-from .serialization import load_adapter_config, load_adapters, restore_adapters, save_adapters
-from .config import LorsConfig
-from .init import gradient_init
-from .optimize import is_optimized, lors_modules, optimize
-from .sparsity import audit, snapshot_masks, sparsity_report
-
-__all__ = ["LorsConfig", "ops", "distributed", "audit", "snapshot_masks", "sparsity_report", "__version__",
-           "optimize", "is_optimized", "lors_modules", "merge", "save_adapters", "load_adapters",
-           "load_adapter_config", "restore_adapters", "gradient_init", "attach_adapters", "find_targets",
-           "LorsLinear", "LorsConv1D", "backend", "report"]
-from .backend import backend
-from .report import report
+__all__ = ["LorsConfig", "ops", "distributed", "audit", "snapshot_masks", "sparsity_report",
+           "__version__", "optimize", "is_optimized", "lors_modules", "merge", "remove_adapters",
+           "save_adapters", "load_adapters", "load_adapter_config", "restore_adapters",
+           "gradient_init", "attach_adapters", "find_targets", "LorsLinear", "LorsConv1D",
+           "backend", "report", "LorsState", "state_of"]

@@ -1,4 +1,4 @@
-"""Sparse LoRA adapters on a model's pruned linears: attach, merge (save/load: serialization.py).
+"""Sparse LoRA adapters on a model's pruned linears: attach, merge, detach (files: serialization).
 
 :func:`attach_adapters` swaps each target ``nn.Linear`` (or GPT-2's ``Conv1D``) for a
 :class:`LorsLinear` (:class:`LorsConv1D`) under the same attribute name. The new module reuses the
@@ -20,14 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LorsConfig
-from .ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
-                  sparse_lora_linear)
-from .sparsity import sparsity_of
+from lors_fx._collectives import is_sharded
+from lors_fx._nn import is_conv1d, is_linear_like, linear_dims, matches_any, replace_module
+from lors_fx.config import LorsConfig
+from lors_fx.ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
+                         sparse_lora_linear)
+from lors_fx.sparsity import sparsity_of
+from lors_fx.state import LorsState, clear_state, set_state, state_of
 
 __all__ = [
     "LorsLinear", "LorsConv1D", "reference_sparse_lora_dropout_form", "find_targets",
-    "attach_adapters", "lors_modules", "is_optimized", "merge", "remove_adapters",
+    "attach_adapters", "lors_modules", "is_optimized", "merge_adapters", "detach_adapters",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -164,23 +167,6 @@ class LorsConv1D(_LorsMixin, nn.Module):
 _LORS_TYPES = (LorsLinear, LorsConv1D)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None),
-                                                            Tensor)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _dims(module: nn.Module) -> Tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear or Conv1D."""
-    if _is_conv1d(module):
-        d_in, d_out = module.weight.shape
-        return d_out, d_in
-    return module.out_features, module.in_features
-
-
 def lors_modules(model: nn.Module) -> Dict[str, nn.Module]:
     """``{fqn: module}`` of every :class:`LorsLinear` / :class:`LorsConv1D` in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _LORS_TYPES)}
@@ -189,10 +175,6 @@ def lors_modules(model: nn.Module) -> Dict[str, nn.Module]:
 def is_optimized(model: nn.Module) -> bool:
     """True when ``model`` carries LoRS adapters."""
     return bool(lors_modules(model))
-
-
-def _suffix_match(fqn: str, name: str) -> bool:
-    return fqn == name or fqn.endswith("." + name)
 
 
 def _describe(rows: List[Tuple[str, float]], limit: int = 8) -> str:
@@ -215,8 +197,8 @@ def find_targets(model: nn.Module, config: LorsConfig) -> List[Tuple[str, nn.Mod
     if present:
         raise RuntimeError(f"optimize called twice: the model already has LoRS adapters (e.g. "
                            f"{next(iter(present))}); merge(model) or start from a fresh model")
-    linears = [(name, m) for name, m in model.named_modules() if _is_linear_like(m)]
-    excluded = lambda fqn: any(_suffix_match(fqn, name) for name in config.exclude_modules)
+    linears = [(name, m) for name, m in model.named_modules() if is_linear_like(m)]
+    excluded = lambda fqn: matches_any(fqn, config.exclude_modules)
     spec = config.target_modules
 
     def sparsity(module):
@@ -234,63 +216,74 @@ def find_targets(model: nn.Module, config: LorsConfig) -> List[Tuple[str, nn.Mod
                              f"{config.min_sparsity} (excluding {config.exclude_modules}); seen: "
                              f"{_describe(seen) or 'no nn.Linear/Conv1D at all'}")
     else:
-        if isinstance(spec, str):
-            pattern = re.compile(spec)
-            chosen = [(n, m) for n, m in linears if pattern.fullmatch(n) and not excluded(n)]
-            if not chosen:
-                raise ValueError(f"no target found: regex {spec!r} matches no linear module "
-                                 f"(linears: {_describe([(n, sparsity(m)) for n, m in linears])})")
-        else:
-            unknown = [name for name in spec if not any(_suffix_match(n, name) for n, _ in linears)]
-            if unknown:
-                existing = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-                raise ValueError(f"unknown target module(s) {unknown}: no nn.Linear/Conv1D has "
-                                 f"that name; linear names in this model: {existing}")
-            chosen = [(n, m) for n, m in linears
-                      if any(_suffix_match(n, name) for name in spec) and not excluded(n)]
-            if not chosen:
-                raise ValueError(f"no target found: {spec} only match excluded modules "
-                                 f"{config.exclude_modules}")
-        dense = [(n, sparsity(m)) for n, m in chosen if sparsity(m) < config.min_sparsity]
-        if dense:
-            raise ValueError(f"target module(s) are dense (sparsity < min_sparsity="
-                             f"{config.min_sparsity}): {_describe(dense)}; LoRS adapts pruned "
-                             f"linears only (lower min_sparsity or drop them from target_modules)")
+        chosen = _named_targets(linears, spec, excluded, sparsity, config)
     for name, module in chosen:
-        if module.weight.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"target {name} has a {module.weight.dtype} weight: LoRS needs a "
-                            f"float weight (dequantize integer/quantized modules first)")
-        d_out, d_in = _dims(module)
-        if config.r > min(d_in, d_out):
-            raise ValueError(f"r={config.r} is larger than min(d_in, d_out)={min(d_in, d_out)} "
-                             f"of target {name} ({d_out}x{d_in})")
-        if name == "":
-            raise ValueError("the model itself is a linear: wrap it in a container module")
+        _check_target(name, module, config)
     return chosen
+
+
+def _named_targets(linears, spec, excluded, sparsity, config: LorsConfig):
+    """The linears ``spec`` names (a regex string or a list of name suffixes), which must all be
+    sparse; raises on a name that matches nothing."""
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        chosen = [(n, m) for n, m in linears if pattern.fullmatch(n) and not excluded(n)]
+        if not chosen:
+            raise ValueError(f"no target found: regex {spec!r} matches no linear module "
+                             f"(linears: {_describe([(n, sparsity(m)) for n, m in linears])})")
+    else:
+        unknown = [name for name in spec if not any(matches_any(n, [name]) for n, _ in linears)]
+        if unknown:
+            existing = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+            raise ValueError(f"unknown target module(s) {unknown}: no nn.Linear/Conv1D has "
+                             f"that name; linear names in this model: {existing}")
+        chosen = [(n, m) for n, m in linears if matches_any(n, spec) and not excluded(n)]
+        if not chosen:
+            raise ValueError(f"no target found: {spec} only match excluded modules "
+                             f"{config.exclude_modules}")
+    dense = [(n, sparsity(m)) for n, m in chosen if sparsity(m) < config.min_sparsity]
+    if dense:
+        raise ValueError(f"target module(s) are dense (sparsity < min_sparsity="
+                         f"{config.min_sparsity}): {_describe(dense)}; LoRS adapts pruned "
+                         f"linears only (lower min_sparsity or drop them from target_modules)")
+    return chosen
+
+
+def _check_target(name: str, module: nn.Module, config: LorsConfig) -> None:
+    if module.weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"target {name} has a {module.weight.dtype} weight: LoRS needs a "
+                        f"float weight (dequantize integer/quantized modules first)")
+    d_out, d_in = linear_dims(module)
+    if config.r > min(d_in, d_out):
+        raise ValueError(f"r={config.r} is larger than min(d_in, d_out)={min(d_in, d_out)} "
+                         f"of target {name} ({d_out}x{d_in})")
+    if name == "":
+        raise ValueError("the model itself is a linear: wrap it in a container module")
 
 
 def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
     """Replace each target of ``config`` with a LoRS module; freeze everything but the adapters.
 
-    Validates everything (:func:`find_targets`) before changing the model. Stores ``config`` as
-    ``model.lors_config`` (read by merge/save/report) and returns the adapted module names.
+    Validates everything (:func:`find_targets`) before changing the model. Records ``config`` and
+    the previous ``requires_grad`` flags in the model's :class:`lors_fx.state.LorsState` and returns
+    the adapted module names.
     """
     targets = find_targets(model, config)
-    model._lors_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
                    chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout)
     for name, module in targets:
-        cls = LorsConv1D if _is_conv1d(module) else LorsLinear
-        _replace(model, name, cls(module, config.r, config.scaling, **options))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
-    model.lors_config = config
+        cls = LorsConv1D if is_conv1d(module) else LorsLinear
+        replace_module(model, name, cls(module, config.r, config.scaling, **options))
+    freeze_all_but_adapters(model)
+    set_state(model, LorsState(config=config, requires_grad=flags))
     return [name for name, _ in targets]
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Only ``lora_A``/``lora_B`` train (PEFT's ``bias="none"``)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
 
 
 def _plain_module(module: nn.Module) -> nn.Module:
@@ -307,23 +300,16 @@ def _plain_module(module: nn.Module) -> nn.Module:
 
 
 def _restore(model: nn.Module) -> None:
-    """Back to the plain model: eager forward, requires_grad flags as before attach."""
-    state = model.__dict__.get("_lors_state")  # set by lors_fx.backend.compile_model
-    if state is not None and getattr(state, "original_forward", None) is not None:
-        from .compiled_model import decompile_model
-        decompile_model(model)
-    flags = getattr(model, "_lors_requires_grad", {})
+    """Back to the plain model's ``requires_grad`` flags; the state is dropped."""
+    state = state_of(model)
+    flags = state.requires_grad if state is not None else {}
     for name, param in model.named_parameters():
         if name in flags:
             param.requires_grad_(flags[name])
-    for attr in ("lors_config", "_lors_requires_grad"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    clear_state(model)
 
 
 def _refuse_sharded(model: nn.Module, what: str) -> None:
-    from .distributed import is_sharded
-
     if is_sharded(model):
         raise ValueError(f"{what}: the model is sharded with FSDP2 (its weights are shards); "
                          f"save_adapters(model, dir) on every rank, then merge in one process: "
@@ -333,18 +319,20 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
                          f"save_adapters_deepspeed(engine, dir), then lors-fx merge in one process")
 
 
-def remove_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`attach_adapters` without merging (drops the adapters); used to roll back."""
+def detach_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach_adapters` without merging (drops the adapters) on an uncompiled model;
+    :func:`lors_fx.api.remove_adapters` is the public form."""
     _refuse_sharded(model, "remove_adapters")
     for name, module in lors_modules(model).items():
-        _replace(model, name, _plain_module(module))
+        replace_module(model, name, _plain_module(module))
     _restore(model)
     return model
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight and drop the adapters.
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight of an uncompiled model and drop the
+    adapters (:func:`lors_fx.merge` is the public form).
 
     Uses :func:`lors_fx.ops.build_merged_weight` (float32, cast back; the zero pattern is kept bit
     for bit and no kept weight becomes 0). The weight Parameters are updated in place and handed
@@ -359,6 +347,6 @@ def merge(model: nn.Module) -> nn.Module:
         merged = build_merged_weight(module.true_weight(), module.lora_A, module.lora_B,
                                      module.scaling)
         module.weight.copy_(merged.t() if isinstance(module, LorsConv1D) else merged)
-        _replace(model, name, _plain_module(module))
+        replace_module(model, name, _plain_module(module))
     _restore(model)
     return model

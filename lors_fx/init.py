@@ -9,9 +9,8 @@ require grad. Then ``U, S, V = svd_lowrank(G)`` (``G * M`` with ``mask_gradient`
 Row norm: the singular vectors have unit norm, but PEFT's Kaiming-uniform ``lora_A`` (``a=sqrt(5)``,
 bound ``1/sqrt(d_in)``) has rows of expected norm ``1/sqrt(3)``. Learning rates are tuned for that
 scale (the adapter's effective step grows with ``|A|``), so by default the rows are scaled to
-``1/sqrt(3)``: the direction is the gradient's, the scale PEFT's. Measured (SmolLM2-135M, Wanda 50%,
-30 LoRS steps at lr 1e-3, seed 0, held-out perplexity; pruned 58.63): PEFT init 42.04, unit-norm
-gradient init 43.85, gradient init with rows at 1/sqrt(3) 41.80 (docs/results.md).
+``1/sqrt(3)``: the direction is the gradient's, the scale PEFT's (docs/results.md compares the
+scales).
 
 Streaming: a dense ``d_out x d_in`` float32 accumulator per layer is the memory cost, so layers are
 processed in groups whose accumulators fit in ``max_gradient_bytes`` and the batches are run again
@@ -34,10 +33,12 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .adapters import lors_modules
-from .config import LorsConfig
-from .distributed import comm_device, first_rank, full_tensor
+from lors_fx._collectives import comm_device, first_rank, full_tensor, mesh_group
+from lors_fx.adapters import lors_modules
+from lors_fx.config import LorsConfig
+from lors_fx.state import state_of
 
 __all__ = ["gradient_init", "DEFAULT_GRADIENT_BYTES", "PEFT_ROW_NORM"]
 
@@ -151,8 +152,6 @@ def _accumulate(model, modules, names, kept, loss_fn, total, bar) -> Dict[str, T
 def _sharded_process_group(modules: Dict[str, nn.Module]):
     """``(mesh, process group)`` of FSDP2-sharded adapters (DTensors), else None (one
     process)."""
-    from .distributed import mesh_group
-
     lora_A = next(iter(modules.values())).lora_A
     mesh = getattr(lora_A, "device_mesh", None)
     return (mesh, mesh_group(mesh)) if mesh is not None else None
@@ -187,49 +186,24 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
             ``model(**batch).loss``) or anything ``loss_fn`` accepts. Each batch's loss must be a
             mean over its examples. Read once; up to ``samples`` examples are kept and re-run.
         loss_fn: ``loss_fn(model, batch) -> scalar`` (required for non-dict batches).
-        config: defaults to ``model.lors_config``; gives ``samples`` and ``mask_gradient``.
-        samples: examples to average over (default ``config.init_samples``).
-        mask_gradient: multiply the gradient by ``M = W != 0`` before the SVD
-            (default ``config.init_mask_gradient``).
+        config: default the model's; gives the defaults of the next two.
+        samples: examples to average over (``config.init_samples``).
+        mask_gradient: multiply G by ``M = W != 0`` before the SVD (``init_mask_gradient``).
         progress: show a tqdm progress bar.
-        max_gradient_bytes: bound on the dense float32 accumulators alive at once; layers are
-            processed in groups that fit (at least one layer per group).
-        row_norm: norm of each lora_A row (default ``1/sqrt(3)``, PEFT's Kaiming-uniform scale;
-            ``1.0`` gives the raw orthonormal singular vectors). See the module docstring.
+        max_gradient_bytes: bound on the float32 accumulators alive at once (layers in groups).
+        row_norm: norm of each lora_A row (default ``1/sqrt(3)``, PEFT's scale; module docstring).
 
-    Returns:
-        ``{module name: share of the gradient's energy (squared Frobenius norm) in the top r}``;
-        0.0 for a layer that got no gradient (its lora_A is left as it was).
+    Returns ``{module name: share of G's energy (squared Frobenius norm) in the top r}``; 0.0
+    for a layer that got no gradient (its lora_A is left as it was).
     """
-    from tqdm.auto import tqdm
-
     modules = lors_modules(model)
     if not modules:
         raise ValueError("gradient_init: model has no LoRS adapters; call optimize/attach first")
-    config = config if config is not None else getattr(model, "lors_config", None)
-    if samples is None:
-        samples = config.init_samples if config is not None else LorsConfig().init_samples
-    if mask_gradient is None:
-        mask_gradient = bool(config.init_mask_gradient) if config is not None else False
-    if not (isinstance(row_norm, (int, float)) and math.isfinite(row_norm) and row_norm > 0):
-        raise ValueError(f"gradient_init: row_norm must be a finite number > 0, got {row_norm!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"gradient_init: samples must be a positive int, got {samples!r}")
-    if batches is None:
-        raise ValueError("gradient_init: batches is None; pass an iterable of batches")
-    if isinstance(batches, (Tensor, dict)):
-        batches = [batches]
-    kept = _collect(batches, samples)
-    if not kept:
-        raise ValueError("gradient_init: batches is empty; pass an iterable of batches (dicts "
-                         "with labels, or anything loss_fn(model, batch) accepts)")
+    samples, mask_gradient = _settings(model, config, samples, mask_gradient, row_norm)
+    kept = _kept_batches(batches, samples)
     sharded = _sharded_process_group(modules)
     group = None if sharded is None else sharded[1]
-    total = sum(n for _, n in kept)
-    if sharded is not None:  # every rank's examples count: G is the average over all of them
-        count = torch.tensor([float(total)], device=comm_device(group))
-        torch.distributed.all_reduce(count, group=group)
-        total = count.item()
+    total = _total_examples(kept, sharded, group)
     lead = sharded is None or torch.distributed.get_rank(group) == 0
     groups = _groups(modules, max_gradient_bytes)
     was_training = model.training
@@ -242,15 +216,10 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
         for names in groups:
             grads = _accumulate(model, modules, names, kept, loss_fn, total, bar)
             for name in names:
-                grad = grads.pop(name)
-                if sharded is not None:  # sum the ranks' shares of G on the first rank
-                    torch.distributed.reduce(grad, dst=first_rank(group), group=group)
-                    if mask_gradient and not lead:
-                        full_tensor(modules[name].true_weight())  # the collective the lead runs
-                if lead:
-                    shares[name], new_A[name] = _top_right_vectors(modules[name], grad,
-                                                                   mask_gradient, row_norm)
-                del grad
+                found = _reduce_and_decompose(modules[name], grads.pop(name), sharded, group,
+                                              lead, mask_gradient, row_norm)
+                if found is not None:
+                    shares[name], new_A[name] = found
     finally:
         bar.close()
         model.train(was_training)
@@ -262,6 +231,54 @@ def gradient_init(model: nn.Module, batches: Iterable, *, loss_fn: Optional[Call
                 module.lora_A.copy_(new_A[name])
             module.lora_B.zero_()
     return shares
+
+
+def _reduce_and_decompose(module: nn.Module, grad: Tensor, sharded, group, lead: bool,
+                          mask_gradient: bool, row_norm: float):
+    """Sum a sharded ``G`` on the first rank; there (or in one process) take its top right
+    singular vectors: ``(energy share, new lora_A or None)``; None on the other ranks."""
+    if sharded is not None:
+        torch.distributed.reduce(grad, dst=first_rank(group), group=group)
+        if mask_gradient and not lead:
+            full_tensor(module.true_weight())  # the collective the lead runs
+    return _top_right_vectors(module, grad, mask_gradient, row_norm) if lead else None
+
+
+def _settings(model: nn.Module, config: Optional[LorsConfig], samples, mask_gradient,
+              row_norm) -> tuple:
+    """``(samples, mask_gradient)`` from the arguments or the config, validated."""
+    if config is None and state_of(model) is not None:
+        config = state_of(model).config
+    config = LorsConfig() if config is None else config
+    samples = config.init_samples if samples is None else samples
+    mask_gradient = bool(config.init_mask_gradient) if mask_gradient is None else mask_gradient
+    if not (isinstance(row_norm, (int, float)) and math.isfinite(row_norm) and row_norm > 0):
+        raise ValueError(f"gradient_init: row_norm must be a finite number > 0, got {row_norm!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"gradient_init: samples must be a positive int, got {samples!r}")
+    return samples, mask_gradient
+
+
+def _kept_batches(batches, samples: int) -> List[tuple]:
+    if batches is None:
+        raise ValueError("gradient_init: batches is None; pass an iterable of batches")
+    if isinstance(batches, (Tensor, dict)):
+        batches = [batches]
+    kept = _collect(batches, samples)
+    if not kept:
+        raise ValueError("gradient_init: batches is empty; pass an iterable of batches (dicts "
+                         "with labels, or anything loss_fn(model, batch) accepts)")
+    return kept
+
+
+def _total_examples(kept: List[tuple], sharded, group) -> float:
+    """Examples the average runs over: every rank's when the adapters are sharded."""
+    total = sum(n for _, n in kept)
+    if sharded is not None:
+        count = torch.tensor([float(total)], device=comm_device(group))
+        torch.distributed.all_reduce(count, group=group)
+        total = count.item()
+    return total
 
 
 def _share_from_lead(modules: Dict[str, nn.Module], shares: Dict[str, float],

@@ -16,8 +16,7 @@ Gradient modes
     dlora_B = s * g.T @ (x @ lora_A.T)          dlora_A = s * (g @ lora_B).T @ x
 
 Only skinny products: the cost is that of plain LoRA. The authors' code drops ``s`` from these
-two gradients; we keep it. With Adam(W) it is a constant rescale that changes nothing but epsilon's
-weight; with SGD or weight decay it matters.
+two gradients; we keep it (a constant rescale under Adam; it matters with SGD or weight decay).
 
 ``"exact"``: the true gradient of the masked product, ``G = g.T @ x``::
 
@@ -31,15 +30,12 @@ Building W'
 GEMM, and the 0/1 mask in W's dtype is rebuilt from ``W`` (nothing stored, so it survives FSDP
 sharding). The mask is applied in row chunks through one small reused buffer (1 MiB on CPU, so
 the chunk is still in cache when it is used; 64 MiB elsewhere), so building ``W'`` costs one
-weight-sized tensor (``W'`` itself), not two: that was the backward's memory peak. It is also
-faster: on one CPU thread, 2752x1024 fp32, the whole build takes 4.3 ms chunked against 13.6 ms
-with a one-shot mask (the ``addmm`` alone: 3.4 ms; interleaved medians of 25). Measured on a 2-core CPU, fp32 2816x1024, r=16 (median of 30): this takes 2.3 ms
-against 5.4 ms for ``addcmul`` with ``W.ne(0).to(dtype)``, 3.0 ms for ``mul_`` by a stored bool
-mask, 10 ms for ``masked_fill_``/``where``, and 2.2 ms for the inductor-fused expression. At a pruned
-position ``(0 + s*d) * 0`` is a (possibly negative) zero, except when ``s*d`` overflows: ``inf * 0``
-is NaN, a new "nonzero". So the masked product goes through ``nan_to_num_(nan=0)`` (keeping
-``+-inf``): one more elementwise pass (~0.5 ms on the shape above, far cheaper than a bool-mask
-``where``). The price: a *kept* entry of ``W'`` that is NaN (only possible when the adapters are
+weight-sized tensor (``W'`` itself), not two: that was the backward's memory peak. A same-dtype 0/1
+mask beats a bool mask (``masked_fill_``/``where``) and a stored mask; docs/benchmarks.md ("Building
+W'") has the measurements. At a pruned position ``(0 + s*d) * 0`` is a (possibly negative) zero,
+except when ``s*d`` overflows: ``inf * 0`` is NaN, a new "nonzero". So the masked product goes
+through ``nan_to_num_(nan=0)`` (keeping ``+-inf``): one more elementwise pass, far cheaper than a
+bool-mask ``where``. The price: a *kept* entry of ``W'`` that is NaN (only possible when the adapters are
 already non-finite or their product overflows as ``inf - inf``) becomes 0 in the transient ``W'``;
 the adapters' gradients still carry the NaN, so divergence stays visible (GradScaler sees it).
 ``merge`` (:func:`build_merged_weight`) uses ``torch.where`` so the stored zeros keep their bits.
@@ -58,6 +54,7 @@ __all__ = [
     "sparse_lora_delta",
     "reference_sparse_lora_linear",
     "build_merged_weight",
+    "masked_update_nonzeros",
 ]
 
 GRAD_MODES = ("lors", "exact")
@@ -67,9 +64,7 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels (plain torch, shared by the forward, the backward and merge)
-# ----------------------------------------------------------------------------------------------
+# --- Kernels (plain torch, shared by the forward, the backward and merge)
 
 
 def _mask_like(weight: Tensor) -> Tensor:
@@ -113,10 +108,16 @@ def _effective_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: f
     return _scrub_(w_eff.mul_(mask))
 
 
-def _linear_2d(x2d: Tensor, w_eff: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear(x: Tensor, w_eff: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ w_eff.T + bias`` written into a fresh ``(..., d_out)`` tensor: a reshaped 2-D result
+    would be a view, which FSDP2 warns about on every wrapped module's output."""
+    y = x.new_empty((*x.shape[:-1], w_eff.shape[0]))
+    x2d, y2d = x.reshape(-1, x.shape[-1]), y.view(-1, w_eff.shape[0])
     if bias is None:
-        return x2d @ w_eff.t()
-    return torch.addmm(bias, x2d, w_eff.t())
+        torch.mm(x2d, w_eff.t(), out=y2d)
+    else:
+        torch.addmm(bias, x2d, w_eff.t(), out=y2d)
+    return y
 
 
 def _compute_dtype_params(weight: Tensor, lora_A: Tensor, lora_B: Tensor):
@@ -127,9 +128,7 @@ def _compute_dtype_params(weight: Tensor, lora_A: Tensor, lora_B: Tensor):
 def _forward(x, weight, lora_A, lora_B, bias, scaling, include_base):
     A, B = _compute_dtype_params(weight, lora_A, lora_B)
     w_eff = _effective_weight(weight, A, B, scaling, include_base)
-    x2d = x.reshape(-1, x.shape[-1])
-    y = _linear_2d(x2d, w_eff, bias if include_base else None)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), w_eff
+    return _linear(x, w_eff, bias if include_base else None), w_eff
 
 
 def _chunk_rows(d_out: int, d_in: int, element_size: int, chunk_bytes: int, buffers: int) -> int:
@@ -198,18 +197,12 @@ def _backward(ctx, grad_y: Tensor, w_eff: Optional[Tensor]):
 
 
 def _setup_context(ctx, inputs):
-    bias, scaling, grad_mode, include_base, chunk_bytes = inputs[4:]
-    ctx.scaling = scaling
-    ctx.grad_mode = grad_mode
-    ctx.include_base = include_base
-    ctx.chunk_bytes = chunk_bytes
+    bias, ctx.scaling, ctx.grad_mode, ctx.include_base, ctx.chunk_bytes = inputs[4:]
     ctx.has_bias = bias is not None
 
 
-# ----------------------------------------------------------------------------------------------
 # The custom ops. `sparse_lora_linear` recomputes W' in backward (saves x only);
 # `sparse_lora_linear_keep` returns W' as a second output and saves it (recompute=False ablation).
-# ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("lors::sparse_lora_linear", mutates_args=())
@@ -267,9 +260,7 @@ def _op_keep_backward(ctx, grad_y, _grad_w_eff):
 _op_keep.register_autograd(_op_keep_backward, setup_context=_op_keep_setup)
 
 
-# ----------------------------------------------------------------------------------------------
-# Public wrappers
-# ----------------------------------------------------------------------------------------------
+# --- Public wrappers
 
 
 def _check_inputs(x, weight, lora_A, lora_B, bias, grad_mode, chunk_bytes, what):
@@ -398,3 +389,12 @@ def build_merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling:
         sign = torch.where(merged_wide < 0, -1.0, torch.where(w_wide < 0, -1.0, 1.0))
         merged = torch.where(vanished, (sign * tiny).to(weight.dtype), merged)
     return torch.where(mask, merged, weight)
+
+
+@torch.no_grad()
+def masked_update_nonzeros(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> int:
+    """Positions outside ``M = W != 0`` where the weight the op multiplies by,
+    ``W' = W + s*(B@A)*M`` (built exactly as the forward builds it), is nonzero. 0 = sparse."""
+    A, B = _compute_dtype_params(weight, lora_A, lora_B)
+    w_eff = _effective_weight(weight, A, B, scaling, True)
+    return int(((w_eff != 0) & (weight == 0)).sum())

@@ -13,12 +13,14 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .adapters import lors_modules
-from .config import LorsConfig
-from .distributed import full_tensor
+from lors_fx._collectives import full_tensor
+from lors_fx._version import __version__
+from lors_fx.adapters import lors_modules
+from lors_fx.config import LorsConfig
+from lors_fx.state import state_of
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "save_adapters", "load_adapters",
-           "load_adapter_config", "restore_adapters"]
+           "load_adapter_config"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -35,21 +37,22 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     default process group writes the files; the other ranks write nothing.
     """
     from safetensors.torch import save_file
-    from . import __version__
 
     modules = lors_modules(model)
     if not modules:
         raise ValueError("save_adapters: model has no LoRS adapters")
-    config = getattr(model, "lors_config", None)
-    if config is None:
-        raise ValueError("save_adapters: model has adapters but no lors_config attribute")
+    state = state_of(model)
+    if state is None:
+        raise ValueError("save_adapters: model has adapters but no lors_fx state (were they "
+                         "attached by lors_fx.optimize?)")
+    config = state.config
     tensors, gathered = {}, False
     for name, module in modules.items():
         for part in ("lora_A", "lora_B"):
             param = getattr(module, part)
             if hasattr(param, "ds_id") and param.numel() == 0:
                 raise ValueError(f"save_adapters: {name}.{part} is a ZeRO-3 partition (not "
-                                 f"gathered); use lors_fx.deepspeed_engine."
+                                 f"gathered); use lors_fx.distributed.deepspeed."
                                  f"save_adapters_deepspeed(engine, path)")
             gathered = gathered or hasattr(param, "full_tensor")
             tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = full_tensor(param).detach().to("cpu").contiguous()
@@ -152,20 +155,3 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
     for key, param in expected.items():
         param.copy_(tensors[key])
     return list(modules)
-
-
-def restore_adapters(model: nn.Module, path: str, *, compile: bool = False) -> nn.Module:
-    """Rebuild the adapters saved in ``path`` on a fresh ``model`` and load their values.
-
-    :func:`load_adapter_config` + :func:`lors_fx.optimize` (with ``init="zeros"``: the saved
-    values replace any init, so adapters trained with gradient init need no data here) +
-    :func:`load_adapters`. Raises if the model's modules do not match the file; returns ``model``.
-    """
-    import dataclasses
-
-    from .optimize import optimize
-
-    config = dataclasses.replace(load_adapter_config(path), init="zeros")
-    optimize(model, config, compile=compile)
-    load_adapters(model, path)
-    return model

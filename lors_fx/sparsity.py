@@ -13,6 +13,9 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from lors_fx._collectives import full_tensor
+from lors_fx._nn import is_linear_like, oriented_weight
+
 __all__ = [
     "NM_PATTERNS",
     "weight_mask",
@@ -40,8 +43,7 @@ def sparsity_of(weight: torch.Tensor) -> float:
     numel = weight.numel()
     if numel == 0:
         return 0.0
-    from .distributed import full_tensor  # a DTensor shard (FSDP2): the count over all ranks
-
+    # a DTensor shard (FSDP2): the count over all ranks
     return float(full_tensor((weight == 0).sum()).item()) / numel
 
 
@@ -102,13 +104,9 @@ def _linear_weights(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """``(name, weight as (d_out, d_in))`` for every nn.Linear and GPT-2 Conv1D (stored d_in x
     d_out, so transposed here: N:M runs along the input dim)."""
     for name, module in model.named_modules():
-        # LorsConv1D keeps Conv1D's stored (d_in, d_out) layout.
-        is_conv1d = type(module).__name__ in ("Conv1D", "LorsConv1D")
-        if not (isinstance(module, nn.Linear) or is_conv1d):
-            continue
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            yield name, (weight.t() if is_conv1d else weight)
+        if is_linear_like(module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            yield name, oriented_weight(module)
 
 
 def sparsity_report(model: nn.Module) -> List[SparsityRow]:

@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lors_fx.compiler._torch_private import module_path_from_source
+from lors_fx.passes.manager import PassContext, SparseSite
 from lors_fx.sparsity import pattern_of, sparsity_of
-
-from .manager import PassContext, SparseSite
 
 __all__ = [
     "PLACEHOLDER_PARAMS_KEY", "DEFAULT_MIN_SPARSITY", "aten", "is_op", "is_linear_call",
     "is_lors_op", "param_of", "shape_of", "strip_transposes", "real_value", "scalar_of",
     "module_fqn_of", "requires_grad", "min_sparsity_of", "site_for_weight", "copy_meta",
+    "copy_graph_module",
     "erase_if_unused",
     "linear_args", "NoMatch", "require_single_user", "mul_factors",
 ]
@@ -214,13 +215,12 @@ def scalar_of(value: Any) -> Optional[float]:
 
 def module_fqn_of(weight_fqn: Optional[str], node: Optional[fx.Node] = None) -> Optional[str]:
     """Module FQN of a site: the weight's FQN without ``.weight``, else the innermost entry of
-    ``nn_module_stack`` (dynamo's ``L['self']`` prefix removed)."""
+    ``nn_module_stack`` (as a plain FQN)."""
     if weight_fqn:
         return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
     stack = node.meta.get("nn_module_stack") if node is not None else None
     if stack:
-        path = list(stack.values())[-1][0]
-        return path.replace("L['self'].", "").replace("L['self']", "")
+        return module_path_from_source(list(stack.values())[-1][0])
     return None
 
 
@@ -277,14 +277,25 @@ def copy_meta(new: fx.Node, old: fx.Node, **overrides) -> None:
     new.meta.update(overrides)
 
 
-def erase_if_unused(graph: fx.Graph, nodes: List[fx.Node]) -> int:
-    """Erase the given nodes that have no users, users first; returns how many were erased."""
-    erased = 0
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph (nodes, their meta, the output's meta) is independent of ``gm``'s;
+    submodules and attributes are shared, ``gm.meta`` is copied."""
+    graph = fx.Graph()
+    value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value).meta = dict(old_output.meta)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def erase_if_unused(graph: fx.Graph, nodes: List[fx.Node]) -> List[fx.Node]:
+    """Erase the given nodes that have no users, users first; returns the erased nodes."""
+    erased = []
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in sorted(set(nodes), key=lambda n: order.get(n, -1), reverse=True):
         if node in order and not node.users and node.op not in ("placeholder", "output"):
             graph.erase_node(node)
-            erased += 1
+            erased.append(node)
     return erased
 
 

@@ -36,11 +36,10 @@ from typing import Any, Optional, Tuple
 
 from torch import fx
 
-from ._match import (NoMatch, is_linear_call, is_lors_op, is_op, linear_args, param_of, shape_of,
-                     site_for_weight, strip_transposes)
-from .convert_peft_lora import match_peft_lora
-from .rewrite_masked_adapters import match_masked_adapter
-from .manager import SITE_META_KEY, PassContext, PassResult
+from lors_fx.passes._match import (NoMatch, is_linear_call, is_lors_op, is_op, linear_args,
+                                   param_of, shape_of, site_for_weight, strip_transposes)
+from lors_fx.passes._patterns import match_masked_adapter, match_peft_lora
+from lors_fx.passes.manager import SITE_META_KEY, PassContext, PassResult, register_pass
 
 __all__ = ["annotate_sparse_linears"]
 
@@ -82,6 +81,7 @@ def _peft_rank(linear: fx.Node, ctx: PassContext, gm: fx.GraphModule) -> Optiona
     return None
 
 
+@register_pass("forward", order=10)
 def annotate_sparse_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Record a :class:`SparseSite` in ``node.meta["lors_site"]`` and ``ctx.sites[fqn]`` for every
     linear call on a sparse weight. The graph itself is not changed."""

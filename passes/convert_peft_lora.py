@@ -36,109 +36,18 @@ Count: PEFT LoRA branches converted (0, with a "disabled" detail, unless ``conve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from torch import fx
 
-from torch import fx, nn
+from lors_fx.passes._match import (NoMatch, erase_if_unused, linear_args, requires_grad, shape_of,
+                                   site_for_weight)
+from lors_fx.passes._patterns import emit_lors_op, match_peft_lora, op_settings
+from lors_fx.passes.manager import SITE_META_KEY, PassContext, PassResult, register_pass
 
-from ._match import (NoMatch, erase_if_unused, is_linear_call, is_op, linear_args, mul_factors,
-                     require_single_user, requires_grad, scalar_of, shape_of, site_for_weight)
-from .manager import SITE_META_KEY, PassContext, PassResult
-from .rewrite_masked_adapters import emit_lors_op, op_settings
-
-__all__ = ["convert_peft_lora", "PeftLora", "match_peft_lora"]
+__all__ = ["convert_peft_lora"]
 
 
-@dataclass
-class PeftLora:
-    """A matched ``base(x) + lora_B(lora_A(dropout(x))) * s`` ending at the ``add`` node."""
-
-    add: fx.Node
-    base_linear: fx.Node
-    lora_root: fx.Node            # the branch's last node (the mul by s, or lora_B's linear)
-    lora_A_linear: fx.Node
-    lora_B_linear: fx.Node
-    x: Any
-    adapter_input: Any            # x, or the dropout node
-    dropout: Optional[fx.Node]    # a dropout node that is the identity (erased with the match)
-    scaling: float
-    branch: List[fx.Node]
-
-
-def _dropout_input(node: Any, gm: fx.GraphModule):
-    """``(input, is identity)`` when ``node`` is a dropout / nn.Identity call, else None."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Identity):
-            return node.args[0], True
-        if isinstance(module, nn.Dropout):
-            return node.args[0], module.p == 0 or not module.training
-        return None
-    if is_op(node, "dropout"):
-        args = list(node.args) + [None] * (4 - len(node.args))
-        p = node.kwargs.get("p", 0.5 if args[1] is None else args[1])
-        training = node.kwargs.get("training", True if args[2] is None else args[2])
-        return node.args[0], scalar_of(p) == 0.0 or training is False
-    return None
-
-
-def _bias_free_linear(node: Any, gm: fx.GraphModule):
-    if not is_linear_call(node, gm):
-        raise NoMatch(f"{getattr(node, 'name', node)} is not a linear")
-    x, weight, bias = linear_args(node, gm)
-    if bias is not None:
-        raise NoMatch(f"{node.name} has a bias (PEFT's lora_A/lora_B have none)")
-    return x, weight
-
-
-def match_peft_lora(add: fx.Node, ctx: PassContext, gm: fx.GraphModule) -> PeftLora:
-    """Match PEFT's LoRA sum ending at ``add``; raises :class:`NoMatch` with the reason."""
-    if not is_op(add, "add") or len(add.args) != 2 or add.kwargs:
-        raise NoMatch(f"{add.name} is not a plain add")
-    for base_linear, root in (add.args, add.args[::-1]):
-        if not is_linear_call(base_linear, gm) or not isinstance(root, fx.Node):
-            continue
-        try:
-            branch: List[fx.Node] = []
-            leaves, scaling = mul_factors(root, branch)
-            if len(leaves) != 1:
-                raise NoMatch(f"{root.name} is not lora_B(...) * s")
-            lora_B_linear = leaves[0]
-            hidden, _ = _bias_free_linear(lora_B_linear, gm)
-            lora_A_linear = hidden
-            adapter_input, _ = _bias_free_linear(lora_A_linear, gm)
-            for node in branch + [lora_B_linear, lora_A_linear]:
-                require_single_user(node, "adapter node")
-            x = linear_args(base_linear, gm)[0]
-            dropout = None
-            if adapter_input is not x:
-                unwrapped = _dropout_input(adapter_input, gm)
-                if unwrapped is None or unwrapped[0] is not x:
-                    raise NoMatch(f"{lora_A_linear.name}'s input is not (dropout of) x")
-                if unwrapped[1]:
-                    dropout, adapter_input = adapter_input, x
-            _check_shapes(base_linear, lora_A_linear, lora_B_linear, ctx, gm)
-        except NoMatch:
-            continue
-        branch_nodes = branch + [lora_B_linear, lora_A_linear] + ([dropout] if dropout else [])
-        return PeftLora(add, base_linear, root, lora_A_linear, lora_B_linear, x, adapter_input,
-                        dropout, scaling, branch_nodes)
-    raise NoMatch(f"{add.name} is not base(x) + lora_B(lora_A(dropout(x))) * s")
-
-
-def _check_shapes(base_linear, lora_A_linear, lora_B_linear, ctx, gm) -> None:
-    shape_W = shape_of(linear_args(base_linear, gm)[1], ctx, gm)
-    shape_A = shape_of(linear_args(lora_A_linear, gm)[1], ctx, gm)
-    shape_B = shape_of(linear_args(lora_B_linear, gm)[1], ctx, gm)
-    if None in (shape_W, shape_A, shape_B):
-        raise NoMatch("unknown adapter shapes")
-    if len(shape_W) != 2 or shape_A != (shape_A[0], shape_W[1]) or shape_B != (shape_W[0],
-                                                                                shape_A[0]):
-        raise NoMatch(f"shapes W{shape_W}, A{shape_A}, B{shape_B} are not a LoRA pair")
-
-
+@register_pass("forward", order=20,
+               enabled=lambda config: bool(getattr(config, "convert_peft", False)))
 def convert_peft_lora(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite PEFT LoRA sums on sparse bases into the LoRS op (only with ``convert_peft``).
 
@@ -149,9 +58,9 @@ def convert_peft_lora(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult("convert_peft_lora", 0,
                           details={"disabled": "config.convert_peft is False (opt-in)"})
     grad_mode = op_settings(ctx)[0]
-    converted, two_product = [], []
+    converted, two_product, gone = [], [], set()
     for add in list(gm.graph.nodes):
-        if getattr(add, "_erased", False):
+        if add in gone:
             continue
         try:
             match = match_peft_lora(add, ctx, gm)
@@ -178,8 +87,8 @@ def convert_peft_lora(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = emit_lors_op(gm, replaced, args, ctx)
         result.meta[SITE_META_KEY] = site
         erased = [replaced] + match.branch + ([match.base_linear] if include_base else [])
-        erase_if_unused(gm.graph, erased + [n for n in (weight, bias, lora_A, lora_B)
-                                            if isinstance(n, fx.Node)])
+        gone.update(erase_if_unused(gm.graph, erased + [n for n in (weight, bias, lora_A, lora_B)
+                                                        if isinstance(n, fx.Node)]))
         site.rewritten, site.grad_mode = True, grad_mode
         converted.append(site.fqn)
         if not include_base:

@@ -69,18 +69,22 @@ After (policy "block")::
 from __future__ import annotations
 
 import math
-import operator
-import re
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from lors_fx._torch_private import (AC_GRAPH_ID_META_KEY, RECOMPUTE_META_KEY, CheckpointPolicy,
-                                    is_primal, is_tangent, min_cut_partition, partition_context)
+from lors_fx.compiler._torch_private import (AC_GRAPH_ID_META_KEY, RECOMPUTE_META_KEY,
+                                             CheckpointPolicy, min_cut_partition,
+                                             module_path_from_source, partition_context)
 from lors_fx.config import parse_checkpoint_policy
-from lors_fx.passes.manager import PassContext, PassResult
+from lors_fx.passes._joint import (Block, find_blocks, forward_nodes, node_flops, num_fwd_outputs,
+                                   saved_activation_bytes, tensor_bytes)
+from lors_fx.passes._match import copy_graph_module
+from lors_fx.passes.manager import PassContext, PassResult, register_pass
+
+#: Dynamo's module source name -> plain FQN (``L['self'].layers[0]`` -> ``layers.0``).
+normalize_module_path = module_path_from_source
 
 __all__ = ["Block", "insert_checkpoints", "find_blocks", "normalize_module_path",
            "forward_nodes", "node_flops", "saved_activation_bytes", "make_partition_fn",
@@ -90,178 +94,6 @@ __all__ = ["Block", "insert_checkpoints", "find_blocks", "normalize_module_path"
 BLOCK_META_KEY = "lors_block"
 _BUDGET_BUCKETS = 4096
 _SYM_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
-
-
-@dataclass
-class Block:
-    """One decoder block of the joint graph: its forward nodes and what it costs."""
-
-    name: str
-    nodes: List[fx.Node] = field(default_factory=list)
-    flops: int = 0
-    saved_bytes: int = 0           # static estimate: its nodes that backward reads
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding blocks
-# ---------------------------------------------------------------------------------------------
-
-_GETATTR = re.compile(r"getattr\(([^()]*?),\s*['\"]([^'\"]+)['\"]\)")
-_ROOT = re.compile(r"^[LG]\[['\"][^'\"]*['\"]\](\[\d+\])?")
-
-
-def normalize_module_path(source: str) -> str:
-    """Dynamo's module source name -> plain FQN (``L['self'].layers[0]`` -> ``layers.0``)."""
-    text = str(source)
-    while True:
-        new = _GETATTR.sub(r"\1.\2", text)
-        if new == text:
-            break
-        text = new
-    text = _ROOT.sub("", text)
-    text = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", text)
-    text = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", text)
-    return text.strip(".")
-
-
-def _stack_paths(node: fx.Node) -> List[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for value in stack.values():
-        source = value[0] if isinstance(value, tuple) else value
-        paths.append(normalize_module_path(source))
-    return paths
-
-
-def _block_candidates(paths: Iterable[str]) -> List[tuple]:
-    """``(list_path, block_path)`` pairs, outermost first, for every ``<list>.<i>`` seen."""
-    found = []
-    for path in paths:
-        parts = path.split(".")
-        for i in range(1, len(parts)):
-            if parts[i].isdigit():
-                pair = (".".join(parts[:i]), ".".join(parts[:i + 1]))
-                if pair not in found:
-                    found.append(pair)
-    found.sort(key=lambda pair: pair[1].count("."))
-    return found
-
-
-def _is_module_list(model: Optional[nn.Module], list_path: str) -> bool:
-    if model is None:
-        return True
-    try:
-        module = model.get_submodule(list_path)
-    except AttributeError:
-        return True  # a wrapper changed the root: trust the name
-    return isinstance(module, (nn.ModuleList, nn.Sequential))
-
-
-def forward_nodes(graph: fx.Graph) -> List[fx.Node]:
-    """Call nodes of the joint graph's forward: not reachable from a tangent, not backward-traced."""
-    backward = set()
-    result = []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if is_tangent(node):
-                backward.add(node)
-            continue
-        if node.op == "output":
-            continue
-        if node.meta.get("autograd_backward") or any(arg in backward
-                                                     for arg in node.all_input_nodes):
-            backward.add(node)
-            continue
-        result.append(node)
-    return result
-
-
-def find_blocks(graph: fx.Graph, model: Optional[nn.Module] = None) -> List[Block]:
-    """The decoder blocks of a joint graph, in forward order (see the module docstring)."""
-    fw_nodes = forward_nodes(graph)
-    candidates = {node: _block_candidates(_stack_paths(node)) for node in fw_nodes}
-    children: Dict[str, set] = {}
-    for pairs in candidates.values():
-        for list_path, block_path in pairs:
-            children.setdefault(list_path, set()).add(block_path)
-    lists_ok = {path: len(kids) >= 2 and _is_module_list(model, path)
-                for path, kids in children.items()}
-    blocks: Dict[str, Block] = {}
-    for node in fw_nodes:
-        for list_path, block_path in candidates[node]:
-            if lists_ok[list_path]:
-                blocks.setdefault(block_path, Block(block_path)).nodes.append(node)
-                break
-    return list(blocks.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Costs
-# ---------------------------------------------------------------------------------------------
-
-
-def _tensor_bytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return int(value.numel()) * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def node_flops(node: fx.Node) -> int:
-    """Rough FLOPs of one node from ``meta["val"]`` shapes: GEMMs 2mnk, attention 4BHLSE, else numel."""
-    val = node.meta.get("val")
-    if node.op != "call_function" or val is None or node.target is operator.getitem:
-        return 0
-    args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
-    name = str(getattr(node.target, "__name__", node.target))
-    try:
-        if name.startswith(("mm", "addmm", "bmm", "baddbmm")):
-            a, b = (args[1], args[2]) if name.startswith(("addmm", "baddbmm")) else args[:2]
-            return 2 * int(a.numel()) * int(b.shape[-1])
-        if "scaled_dot_product" in name or "flash_attention" in name:
-            q, k = args[0], args[1]
-            return 4 * int(q.numel()) * int(k.shape[-2])
-        if "sparse_lora_linear" in name:
-            x, weight, lora_a = args[0], args[1], args[2]
-            tokens = int(x.numel()) // int(x.shape[-1])
-            d_out, d_in = (int(s) for s in weight.shape)
-            return 2 * tokens * d_out * d_in + 2 * d_out * d_in * int(lora_a.shape[0])
-    except (AttributeError, IndexError, TypeError):
-        pass
-    first = val[0] if isinstance(val, (list, tuple)) and val else val
-    return int(first.numel()) if isinstance(first, torch.Tensor) else 0
-
-
-def saved_activation_bytes(fw_gm: fx.GraphModule, num_fwd_outputs: int,
-                           by_name: bool = False):
-    """Bytes a partitioned forward graph saves for backward, forward inputs (parameters) excluded.
-
-    The saved values are the forward graph's outputs after its first ``num_fwd_outputs``; those
-    that are placeholders (primals: parameters and inputs, which exist anyway) are not counted.
-    With ``by_name`` returns ``{node_name: bytes}`` instead of the total.
-    """
-    output = next(iter(fw_gm.graph.find_nodes(op="output")))
-    values = list(output.args[0])[num_fwd_outputs:]
-    saved = {}
-    for value in values:
-        if isinstance(value, fx.Node) and value.op != "placeholder":
-            saved[value.name] = _tensor_bytes(value.meta.get("val"))
-    return saved if by_name else sum(saved.values())
-
-
-def _num_fwd_outputs(joint_gm: fx.GraphModule) -> int:
-    output = next(iter(joint_gm.graph.find_nodes(op="output")))
-    primals = sum(1 for node in joint_gm.graph.nodes if is_primal(node))
-    return len(list(output.args[0])) - primals
-
-
-def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    new_output = graph.output(value)
-    new_output.meta = dict(old_output.meta)
-    return fx.GraphModule(gm, graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +128,7 @@ def _tag_blocks(fw_nodes: Sequence[fx.Node], blocks: Sequence[Block], chosen: It
 
 def _measure(joint_gm, fw_nodes, blocks, chosen, partition_kwargs, owner) -> Dict[str, int]:
     """Partition a tagged copy; saved bytes per owner (block name or ``"outside"``)."""
-    copy = _copy_module(joint_gm)
+    copy = copy_graph_module(joint_gm)
     by_name = {node.name: node for node in copy.graph.nodes}
     _tag_blocks(fw_nodes, blocks, chosen, node_of=lambda n: by_name[n.name])
     with partition_context(copy):
@@ -370,6 +202,8 @@ def _choose_for_budget(joint_gm, fw_nodes, blocks, budget, partition_kwargs, ctx
         chosen = chosen + [next(i for i in order if i not in chosen)]
 
 
+@register_pass("joint", order=10, enabled=lambda config: config is not None and
+               parse_checkpoint_policy(config.checkpoint)[0] != "none")
 def insert_checkpoints(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Tag checkpoint regions per decoder block according to ``ctx.config.checkpoint``.
 
@@ -390,7 +224,7 @@ def insert_checkpoints(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult
         block.flops = sum(node_flops(n) for n in block.nodes)
         # Static estimate: what a plain (non-min-cut) partition would save, i.e. the block's
         # nodes that a backward node reads.
-        block.saved_bytes = sum(_tensor_bytes(n.meta.get("val")) for n in block.nodes
+        block.saved_bytes = sum(tensor_bytes(n.meta.get("val")) for n in block.nodes
                                 if any(u.op != "output" and u not in fw_set for u in n.users))
         for node in block.nodes:
             node.meta[BLOCK_META_KEY] = block.name
@@ -405,7 +239,7 @@ def insert_checkpoints(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult
         chosen = list(range(0, len(blocks), value))
     else:
         kwargs = dict(ctx.extra.get("partition_kwargs") or {})
-        kwargs.setdefault("num_fwd_outputs", _num_fwd_outputs(joint_gm))
+        kwargs.setdefault("num_fwd_outputs", num_fwd_outputs(joint_gm))
         chosen = _choose_for_budget(joint_gm, fw_nodes, blocks, value, kwargs, ctx, details)
         details["budget_bytes"] = value
     count = _tag_blocks(fw_nodes, blocks, chosen)
@@ -427,7 +261,7 @@ def make_partition_fn(ctx: PassContext, partition: Optional[Callable] = None) ->
         ctx.extra.setdefault("checkpoint_results", []).append(result)
         fw_gm, bw_gm = partition(joint_gm, joint_inputs, **kwargs)
         saved = saved_activation_bytes(fw_gm, kwargs.get("num_fwd_outputs",
-                                                         _num_fwd_outputs(joint_gm)))
+                                                         num_fwd_outputs(joint_gm)))
         ctx.extra.setdefault("saved_bytes", []).append(saved)
         return fw_gm, bw_gm
 

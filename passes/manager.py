@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import fx, nn
 
-__all__ = ["PassContext", "PassResult", "SparseSite", "GraphPass", "run_passes", "SITE_META_KEY"]
+__all__ = ["PassContext", "PassResult", "SparseSite", "GraphPass", "run_passes", "SITE_META_KEY",
+           "RegisteredPass", "PASSES", "STAGES", "register_pass", "passes_for"]
 
 #: ``node.meta`` key under which annotate_sparse_linears stores a :class:`SparseSite`.
 SITE_META_KEY = "lors_site"
@@ -65,6 +66,52 @@ class PassResult:
 
 
 GraphPass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+#: Where a pass runs: ``"forward"`` on dynamo's torch-IR graph before aot_autograd, ``"joint"`` on
+#: the joint forward+backward graph before the partitioner, ``"report"`` on the partitioned forward.
+STAGES = ("forward", "joint", "report")
+
+
+@dataclass(frozen=True)
+class RegisteredPass:
+    """A pass in :data:`PASSES`: its stage, its place in the stage, and when a config enables it."""
+
+    name: str
+    stage: str
+    order: int
+    function: GraphPass
+    enabled: Callable[[Any], bool]
+
+
+#: Every pass of the package by name (filled by :func:`register_pass` as the modules import).
+PASSES: Dict[str, RegisteredPass] = {}
+
+
+def register_pass(stage: str, order: int, enabled: Optional[Callable[[Any], bool]] = None):
+    """Decorator: add a pass to :data:`PASSES` under its function name.
+
+    ``order`` sorts the passes of one stage; ``enabled(config)`` (default: always) says whether a
+    :class:`~lors_fx.LorsConfig` (or None) turns the pass on in :func:`passes_for`.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"register_pass: stage must be one of {STAGES}, got {stage!r}")
+
+    def decorate(function: GraphPass) -> GraphPass:
+        name = function.__name__
+        if name in PASSES and PASSES[name].function is not function:
+            raise ValueError(f"register_pass: a pass named {name!r} is already registered")
+        PASSES[name] = RegisteredPass(name, stage, order, function,
+                                      enabled if enabled is not None else (lambda config: True))
+        return function
+
+    return decorate
+
+
+def passes_for(stage: str, config: Any = None) -> List[GraphPass]:
+    """The registered passes of ``stage`` that ``config`` enables, in order."""
+    chosen = sorted((p for p in PASSES.values() if p.stage == stage and p.enabled(config)),
+                    key=lambda p: p.order)
+    return [p.function for p in chosen]
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass], ctx: PassContext,

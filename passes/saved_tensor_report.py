@@ -52,9 +52,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx
 
-from lors_fx._torch_private import is_tangent, is_view_op, size_hint
-
-from .manager import PassContext, PassResult
+from lors_fx.compiler._torch_private import is_tangent, is_view_op, size_hint
+from lors_fx.passes.manager import PassContext, PassResult, register_pass
 
 __all__ = ["saved_tensor_report", "saved_values", "tensor_bytes"]
 
@@ -111,6 +110,7 @@ def _shape(value: Any) -> tuple:
     return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
 
 
+@register_pass("report", order=10)
 def saved_tensor_report(fw_gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """List the tensors a partitioned forward graph saves for backward, with their bytes and kind.
 

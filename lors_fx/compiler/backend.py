@@ -20,103 +20,23 @@ linear) for the naive masked form; the lors op is opaque to them and saves only 
 """
 from __future__ import annotations
 
-import importlib
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import fx, nn
 
-from . import _torch_private as private
-from .config import LorsConfig, parse_checkpoint_policy
-from .passes.manager import PassContext, PassResult, SparseSite, run_passes
+from lors_fx.compiler import _torch_private as private
+from lors_fx.compiler.state import GraphRecord, LorsCompileState
+from lors_fx.config import LorsConfig
+from lors_fx.passes import PassContext, PassResult, passes_for, run_passes
+from lors_fx.passes._match import copy_graph_module
 
-__all__ = ["backend", "compile_model", "decompile_model", "LorsCompileState", "GraphRecord",
-           "default_forward_passes", "STATE_ATTR"]
-
-#: Attribute of a compiled model holding its :class:`LorsCompileState`.
-STATE_ATTR = "_lors_state"
-
-
-@dataclass
-class GraphRecord:
-    """What the backend did to one dynamo graph."""
-
-    index: int
-    compile_id: Optional[tuple] = None      # (frame_id, frame_compile_id)
-    recompile: bool = False
-    passes: List[PassResult] = field(default_factory=list)        # forward passes
-    joint_passes: List[PassResult] = field(default_factory=list)  # on the joint graph
-    sites: Dict[str, SparseSite] = field(default_factory=dict)
-    saved_before: Optional[PassResult] = None
-    saved_after: Optional[PassResult] = None
-    dynamo_graph: Optional[fx.GraphModule] = None   # after the forward passes
-    forward: Optional[fx.GraphModule] = None        # partitioned (or inference) forward
-    backward: Optional[fx.GraphModule] = None
-    notes: List[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-@dataclass
-class LorsCompileState:
-    """Everything the backend and :func:`compile_model` recorded for one model (or backend)."""
-
-    config: Optional[LorsConfig] = None
-    graphs: List[GraphRecord] = field(default_factory=list)
-    graph_breaks: int = 0
-    graph_break_reasons: Dict[str, int] = field(default_factory=dict)
-    fallback: Optional[str] = None        # why the model runs the eager op path, if it does
-    notes: List[str] = field(default_factory=list)
-    original_forward: Optional[Callable] = None
-    compiled_roots: List[nn.Module] = field(default_factory=list)  # blocks compiled one by one
-
-    @property
-    def recompiles(self) -> int:
-        """Graphs compiled because a guard of an already compiled frame failed."""
-        return sum(record.recompile for record in self.graphs)
-
-    def __deepcopy__(self, memo):
-        # A deep copy of a compiled model is an uncompiled-looking copy: GraphModules hold fake
-        # tensors and the original forward is bound to the old model, so share nothing.
-        return LorsCompileState(config=self.config, notes=list(self.notes) +
-                                ["copied from a compiled model: the copy runs uncompiled"])
-
+__all__ = ["backend", "default_forward_passes"]
 
 def default_forward_passes(config: Optional[LorsConfig]) -> List[Callable]:
     """The forward passes the backend runs: annotate, rewrite, and (opt-in) PEFT conversion."""
-    names = ["annotate_sparse_linears"]
-    if config is not None and config.convert_peft:
-        names.append("convert_peft_lora")
-    names.append("rewrite_masked_adapters")
-    return [getattr(importlib.import_module(f"lors_fx.passes.{n}"), n) for n in names]
-
-
-def _joint_passes(config: Optional[LorsConfig]) -> List[Callable]:
-    if config is None or parse_checkpoint_policy(config.checkpoint)[0] == "none":
-        return []
-    try:
-        module = importlib.import_module("lors_fx.passes.insert_checkpoints")
-    except ImportError as error:  # a checkpoint policy without its pass must not pass silently
-        raise RuntimeError(f"LorsConfig.checkpoint={config.checkpoint!r} needs "
-                           f"lors_fx.passes.insert_checkpoints: {error}") from error
-    return [module.insert_checkpoints]
-
-
-def _saved_tensor_report():
-    from .passes.saved_tensor_report import saved_tensor_report
-
-    return saved_tensor_report
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose graph (nodes and meta dicts) is independent of ``gm``'s; attributes shared."""
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    return copy
+    return passes_for("forward", config)
 
 
 def _input_names(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -147,7 +67,7 @@ def _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes):
     ctx.extra["num_fwd_outputs"] = kwargs["num_fwd_outputs"]
     joint_results = run_passes(joint_gm, graph_passes, ctx)
     fw_gm, bw_gm = private.min_cut_partition(joint_gm, joint_inputs, **kwargs)
-    saved = run_passes(fw_gm, [_saved_tensor_report()], ctx, validate=False)[0]
+    saved = run_passes(fw_gm, passes_for("report", ctx.config), ctx, validate=False)[0]
     return fw_gm, bw_gm, joint_results, saved
 
 
@@ -180,50 +100,27 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
     config = LorsConfig() if config is None else config
     state = LorsCompileState(config=config) if state is None else state
     forward_passes = list(default_forward_passes(config) if passes is None else passes)
-    graph_passes = list(_joint_passes(config) if joint_passes is None else joint_passes)
+    graph_passes = list(passes_for("joint", config) if joint_passes is None else joint_passes)
     inductor = (config.fw_compiler == "inductor", config.bw_compiler == "inductor")
 
     def compile_graph(gm: fx.GraphModule, example_inputs):
         start = time.perf_counter()
-        record = GraphRecord(index=len(state.graphs), compile_id=private.current_compile_id())
-        # A recompile = another graph for a frame this backend already compiled (dynamo's own
-        # frame_compile_id also counts other models whose forward shares the same code object).
-        record.recompile = record.compile_id is not None and any(
-            r.compile_id is not None and r.compile_id[0] == record.compile_id[0]
-            for r in state.graphs)
-        state.graphs.append(record)
+        record = _new_record(state)
         placeholder_params, input_names = _input_names(gm, example_inputs, model)
-        original = _copy_graph_module(gm) if report_before else None
+        original = copy_graph_module(gm) if report_before else None
         ctx = PassContext(config=config, model=model, notes=record.notes,
                           extra={"placeholder_params": placeholder_params,
                                  "input_names": input_names, "graph_is_block": graph_is_block})
-        record.passes = run_passes(gm, forward_passes, ctx)
-        record.sites = dict(ctx.sites)
-        missed = sorted(fqn for fqn, site in ctx.sites.items()
-                        if site.rank is not None and not site.rewritten)
-        if missed:  # the naive form stays in the graph and saves W': never silently
-            warnings.warn(f"lors_fx: {len(missed)} adapted linear(s) not rewritten to the lors op "
-                          f"(they keep the naive form and save W'): {missed[:4]}; notes: "
-                          f"{record.notes[:2]}", RuntimeWarning, stacklevel=2)
-        record.dynamo_graph = gm
+        _run_forward_passes(gm, forward_passes, ctx, record)
 
         def partition_fn(joint_gm, joint_inputs, **kwargs):
             (record.forward, record.backward, record.joint_passes,
              record.saved_after) = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes)
             return record.forward, record.backward
 
-        def make_compiler(use_inductor: bool, is_backward: bool):
-            def compile_one(graph_gm, inputs):
-                if not is_backward and record.forward is None:
-                    record.forward = graph_gm  # inference graph: no partition
-                if use_inductor:
-                    return private.inductor_compiler(is_backward)(graph_gm, inputs)
-                return private.boxed(graph_gm.forward)
-            return compile_one
-
         decompositions = private.inductor_decompositions() if any(inductor) else None
-        compiled = private.aot_backend(make_compiler(inductor[0], False),
-                                       make_compiler(inductor[1], True), partition_fn,
+        compiled = private.aot_backend(_graph_compiler(record, inductor[0], False),
+                                       _graph_compiler(record, inductor[1], True), partition_fn,
                                        decompositions=decompositions)(gm, example_inputs)
         if original is not None and record.backward is not None:
             record.saved_before = _saved_before(original, example_inputs, config, model,
@@ -235,6 +132,43 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
     compile_graph.__name__ = compile_graph.__qualname__ = "lors_backend"
     compile_graph.state = state
     return compile_graph
+
+
+def _graph_compiler(record: GraphRecord, use_inductor: bool, is_backward: bool) -> Callable:
+    """aot_autograd's fw/bw compiler: inductor, or run the GraphModule as it is ("eager")."""
+    def compile_one(graph_gm, inputs):
+        if not is_backward and record.forward is None:
+            record.forward = graph_gm  # inference graph: no partition
+        if use_inductor:
+            return private.inductor_compiler(is_backward)(graph_gm, inputs)
+        return private.boxed(graph_gm.forward)
+    return compile_one
+
+
+def _new_record(state: LorsCompileState) -> GraphRecord:
+    """A record for the graph being compiled, appended to ``state``."""
+    record = GraphRecord(index=len(state.graphs), compile_id=private.current_compile_id())
+    # A recompile = another graph for a frame this backend already compiled (dynamo's own
+    # frame_compile_id also counts other models whose forward shares the same code object).
+    record.recompile = record.compile_id is not None and any(
+        r.compile_id is not None and r.compile_id[0] == record.compile_id[0]
+        for r in state.graphs)
+    state.graphs.append(record)
+    return record
+
+
+def _run_forward_passes(gm: fx.GraphModule, forward_passes, ctx: PassContext,
+                        record: GraphRecord) -> None:
+    """The forward passes on the dynamo graph; warns when an adapted linear stays naive."""
+    record.passes = run_passes(gm, forward_passes, ctx)
+    record.sites = dict(ctx.sites)
+    missed = sorted(fqn for fqn, site in ctx.sites.items()
+                    if site.rank is not None and not site.rewritten)
+    if missed:  # the naive form stays in the graph and saves W': never silently
+        warnings.warn(f"lors_fx: {len(missed)} adapted linear(s) not rewritten to the lors op "
+                      f"(they keep the naive form and save W'): {missed[:4]}; notes: "
+                      f"{record.notes[:2]}", RuntimeWarning, stacklevel=4)
+    record.dynamo_graph = gm
 
 
 def _saved_before(original: fx.GraphModule, example_inputs, config, model, placeholder_params,
@@ -263,6 +197,3 @@ def _saved_before(original: fx.GraphModule, example_inputs, config, model, place
             record.notes.append(f"saved_before not measured: {type(error).__name__}: {error}")
     return found.get("report")
 
-
-# compile_model lives in compiled_model.py (it imports this module); re-exported for callers.
-from .compiled_model import compile_model, decompile_model  # noqa: E402

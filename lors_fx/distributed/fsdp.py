@@ -16,104 +16,32 @@ The op reads ``M = W != 0`` from the weight FSDP2 has just all-gathered, so no m
 stored, replicated or sharded. Adapters are broadcast from rank 0 when they are sharded, so every
 rank starts from the same init. :func:`lors_fx.save_adapters` gathers only the adapter shards
 (every rank calls it; rank 0 writes). ``lors-fx merge`` then works from those files in one
-process. DeepSpeed ZeRO-2/3 is in :mod:`lors_fx.deepspeed_engine`.
+process. DeepSpeed ZeRO-2/3 is in :mod:`lors_fx.distributed.deepspeed`.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import LorsConfig
+from lors_fx._collectives import (comm_device, first_rank, full_tensor, is_sharded, mesh_group,
+                                  require_process_group)
+from lors_fx.adapters import LorsLinear, find_targets, freeze_all_but_adapters, lors_modules
+from lors_fx.compiler import _torch_private as private
+from lors_fx.compiler import compile_model, compile_state_of, decompile_model, is_compiled
+from lors_fx.compiler.blocks import decoder_blocks, inside
+from lors_fx.config import LorsConfig
+from lors_fx.ops import masked_update_nonzeros
+from lors_fx.state import LorsState, set_state
 
 __all__ = ["full_tensor", "is_sharded", "decoder_blocks", "shard_model", "attach_sharded", "broadcast_adapters",
            "sharded_audit", "new_nonzeros"]
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a DTensor (an FSDP2 shard) is all-gathered, a collective every rank
-    of its mesh must join; a plain tensor is returned as it is."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``fully_shard`` was applied to ``model`` or any of its submodules."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _class_names(module: nn.Module) -> set:
-    return {cls.__name__ for cls in type(module).__mro__}
-
-
-def decoder_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The repeated blocks to shard (and compile) one by one, as ``(fqn, module)``.
-
-    Hugging Face models name them in ``_no_split_modules`` (``LlamaDecoderLayer``...); otherwise
-    the children of the largest ``nn.ModuleList`` whose children share one class. Raises
-    ``ValueError`` when there is none.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    if names:
-        blocks = [(n, m) for n, m in model.named_modules() if n and _class_names(m) & names]
-        # keep the outermost: a block class never nests inside another block here
-        blocks = [(n, m) for n, m in blocks
-                  if not any(n.startswith(other + ".") for other, _ in blocks)]
-        if blocks:
-            return blocks
-    best: Optional[Tuple[str, nn.ModuleList]] = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and \
-                len({type(child) for child in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > sum(p.numel() for p in best[1].parameters()):
-                best = (name, module)
-    if best is None:
-        raise ValueError(f"decoder_blocks: {type(model).__name__} has no repeated blocks "
-                         f"(no _no_split_modules and no nn.ModuleList of one class)")
-    prefix = f"{best[0]}." if best[0] else ""
-    return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
-
-
-def _require_process_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("lors_fx.distributed: no process group; launch with torchrun and call "
-                           "torch.distributed.init_process_group() first ('gloo' on CPU, "
-                           "'nccl' on GPU)")
-
-
-def mesh_group(mesh):
-    """The process group over every rank of ``mesh``: its group for a 1-D mesh; for a 2-D HSDP
-    mesh (replicate x shard) that spans the world, ``None`` (the default group)."""
-    if mesh is None or mesh.ndim == 1:
-        return None if mesh is None else mesh.get_group()
-    if mesh.size() != dist.get_world_size():
-        raise NotImplementedError(f"lors_fx.distributed: a {mesh.ndim}-D mesh of {mesh.size()} "
-                                  f"ranks in a world of {dist.get_world_size()}: only data "
-                                  f"parallel meshes (FSDP, or HSDP over the whole world)")
-    return None
-
-
-def comm_device(group) -> torch.device:
-    """Where a collective's tensors must live: the current CUDA device for nccl, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def first_rank(group) -> int:
-    """Global rank of ``group``'s first rank (0 for the default group)."""
-    return 0 if group is None else dist.get_global_rank(group, 0)
-
-
 def _adapter_params(model: nn.Module) -> List[nn.Parameter]:
-    from .adapters import lors_modules
-
     return [getattr(m, part) for m in lors_modules(model).values() for part in ("lora_A", "lora_B")]
 
 
@@ -124,7 +52,7 @@ def broadcast_adapters(model: nn.Module, group=None) -> int:
     For unsharded adapters (plain tensors): call it before sharding, so all ranks hold the same
     init. Returns the number of tensors broadcast. A collective: every rank must call it.
     """
-    _require_process_group()
+    require_process_group()
     params = _adapter_params(model)
     if any(hasattr(p, "full_tensor") for p in params):
         raise ValueError("broadcast_adapters: the adapters are already sharded (DTensor); "
@@ -152,11 +80,8 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
     Needs an initialized process group; raises on a model that is already sharded.
     """
     from torch.distributed.fsdp import fully_shard
-    from .adapters import lors_modules
-    from .backend import STATE_ATTR
-    from .compiled_model import compile_model, decompile_model
 
-    _require_process_group()
+    require_process_group()
     if not isinstance(model, nn.Module):
         raise TypeError(f"shard_model: model must be an nn.Module, got {type(model).__name__}")
     if is_sharded(model):
@@ -164,12 +89,12 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool = Tr
                          "call lors_fx.optimize(model, config) on it to add adapters")
     blocks = decoder_blocks(model)
     outside = [n for n in lors_modules(model)
-               if not any(n == b or n.startswith(b + ".") for b, _ in blocks)]
+               if not any(inside(n, b) for b, _ in blocks)]
     if outside:
         raise ValueError(f"shard_model: adapted modules outside the decoder blocks {outside[:4]}: "
                          f"they would be gathered with the root for the whole step")
-    state = model.__dict__.get(STATE_ATTR)
-    recompile = state is not None and state.original_forward is not None
+    recompile = is_compiled(model)
+    state = compile_state_of(model)
     if recompile:
         decompile_model(model)
     if lors_modules(model):
@@ -211,10 +136,8 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
     :func:`lors_fx.optimize` says so when asked to compile. Order A compiles each block.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    from . import _torch_private as private
-    from .adapters import LorsLinear, find_targets
 
-    _require_process_group()
+    require_process_group()
     if private.fsdp_lazy_initialized(model):
         raise RuntimeError("optimize: the sharded model has already run a forward; FSDP2 fixed "
                            "its parameter groups then. Attach adapters before the first step")
@@ -231,26 +154,22 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
         owner_name, owner = _fsdp_owner(model, name)
         groups.setdefault(owner_name, []).append(module)
         owners[owner_name] = owner
-    model._lors_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
                    chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout)
     for _, module in targets:
         module.__class__ = LorsLinear  # in place: FSDP2 keeps a reference to this object
         module._init_adapter(module, config.r, config.scaling, **options)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
+    freeze_all_but_adapters(model)
     mesh = targets[0][1].weight.device_mesh
     broadcast_adapters(model, group=mesh_group(mesh))
     # Adapters stay gathered from forward to the end of backward (they are r*(d_in+d_out) per
-    # module): their backward then needs no re-gather, so FSDP2's warning about outputs that are
-    # views (an in-place op on one would skip a pre-backward re-gather) does not apply to them.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPLorsLinear(, )?)+\) "
-                            r"returned a view tensor")
+    # module), so their backward needs no re-gather.
     for modules in groups.values():
         base = {p for m in modules for n, p in m.named_parameters(recurse=False)
                 if n not in ("lora_A", "lora_B")}
         fully_shard(modules, mesh=mesh, ignored_params=base, reshard_after_forward=False)
-    model.lors_config = config
+    set_state(model, LorsState(config=config, requires_grad=flags))
     return [name for name, _ in targets]
 
 
@@ -258,11 +177,7 @@ def new_nonzeros(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
                  scaling: float) -> int:
     """Positions outside ``W != 0`` where the weight the op multiplies by,
     ``W' = W + s*(B@A)*M``, is nonzero (full tensors; the op's own construction). 0 = sparse."""
-    from .ops import _compute_dtype_params, _effective_weight
-
-    lora_A, lora_B = _compute_dtype_params(weight, lora_A, lora_B)
-    w_eff = _effective_weight(weight, lora_A, lora_B, scaling, True)
-    return int(((w_eff != 0) & (weight == 0)).sum())
+    return masked_update_nonzeros(weight, lora_A, lora_B, scaling)
 
 
 @contextlib.contextmanager
@@ -275,13 +190,11 @@ def sharded_audit(model: nn.Module, gather: Optional[Callable] = None) -> Dict[s
     """Check every adapted module of a sharded model, gathering one module at a time.
 
     ``gather(module)``: a context manager yielding the module's full ``(weight, lora_A, lora_B)``
-    (default: FSDP2 DTensors all-gathered; :func:`lors_fx.deepspeed_engine.sharded_audit_deepspeed`
+    (default: FSDP2 DTensors all-gathered; :func:`lors_fx.distributed.deepspeed.sharded_audit_deepspeed`
     passes ZeRO-3's). Returns ``{"checked": modules, "violations": positions}`` on every rank (a
     collective): a violation is a nonzero of ``W'`` where the frozen base is zero
     (:func:`new_nonzeros`). Raises if a base weight is trainable.
     """
-    from .adapters import lors_modules
-
     gather = _gather_dtensors if gather is None else gather
     checked = violations = 0
     for name, module in sorted(lors_modules(model).items()):

@@ -1,21 +1,31 @@
-"""``optimize(model, config)``: attach LoRS adapters, optionally gradient-init them, compile.
+"""What a user calls: :func:`optimize`, :func:`merge`, :func:`remove_adapters`,
+:func:`restore_adapters` — each one orchestrates the core (adapters, init, files), the compiler and
+the FSDP2 path, and leaves the model as it was when it fails.
 
 The eager path (``compile=False``) calls the custom op :func:`lors_fx.ops.sparse_lora_linear`
 directly from each adapted module; the compiled path hands the model to
-:func:`lors_fx.backend.compile_model`, which switches the modules to emit the naive form and lets
+:func:`lors_fx.compiler.compile_model`, which switches the modules to emit the naive form and lets
 the graph passes rewrite it into the op.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from .adapters import attach_adapters, is_optimized, lors_modules, remove_adapters
-from .config import LorsConfig
+from lors_fx._collectives import is_sharded
+from lors_fx.adapters import (attach_adapters, detach_adapters, is_optimized, lors_modules,
+                              merge_adapters)
+from lors_fx.compiler import compile_model, decompile_model, is_compiled
+from lors_fx.config import LorsConfig
+from lors_fx.distributed.fsdp import attach_sharded
+from lors_fx.init import gradient_init
+from lors_fx.serialization import load_adapter_config, load_adapters
 
-__all__ = ["optimize", "is_optimized", "lors_modules"]
+__all__ = ["optimize", "merge", "remove_adapters", "restore_adapters", "is_optimized",
+           "lors_modules"]
 
 
 def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: bool = True,
@@ -24,7 +34,7 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     """Make ``model`` a LoRS fine-tuning model, in place; returns the same object.
 
     Steps: find the sparse target linears and attach adapters (every other parameter frozen;
-    ``model.lors_config`` = ``config``); with ``config.init == "gradient"`` run
+    ``config`` kept in :func:`lors_fx.state_of` ``(model)``); with ``config.init == "gradient"`` run
     :func:`lors_fx.gradient_init` on ``init_data`` (and ``loss_fn``); with ``compile=True`` compile
     with the lors backend. Any error leaves the model as it was (adapters are removed again).
     On a model already sharded by FSDP2 the adapters are attached in place and sharded, and they
@@ -48,13 +58,9 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     if config.init != "gradient" and init_data is not None:
         raise ValueError("optimize: init_data is only used with config.init='gradient' "
                          f"(config.init={config.init!r})")
-    if compile:
-        from .compiled_model import compile_model  # imported before any change to the model
-    from .distributed import attach_sharded, is_sharded
     if is_sharded(model):  # FSDP2 already sharded it (order B in lors_fx.distributed)
         attach_sharded(model, config)  # checks everything before it changes the model
         if config.init == "gradient":  # every rank's batches; G summed on the first rank
-            from .init import gradient_init
             gradient_init(model, init_data, loss_fn=loss_fn, config=config)
         if compile:
             warnings.warn("lors_fx.optimize: the model was sharded before the adapters were "
@@ -66,11 +72,45 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     attach_adapters(model, config)
     try:
         if config.init == "gradient":
-            from .init import gradient_init
             gradient_init(model, init_data, loss_fn=loss_fn, config=config)
         if compile:
             compile_model(model, config)
     except BaseException:
         remove_adapters(model)
         raise
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight and drop the adapters; returns ``model``.
+
+    A compiled model gets its original forward back first. Uses
+    :func:`lors_fx.ops.build_merged_weight` (float32, cast back; the zero pattern is kept bit for
+    bit and no kept weight becomes 0). The weight Parameters are updated in place and handed to
+    plain ``nn.Linear`` / ``Conv1D`` modules; ``requires_grad`` flags are restored to what they
+    were before the adapters were attached.
+    """
+    if is_optimized(model) and is_compiled(model):
+        decompile_model(model)
+    return merge_adapters(model)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize` without merging: adapters dropped, forward and flags restored."""
+    if is_compiled(model):
+        decompile_model(model)
+    return detach_adapters(model)
+
+
+def restore_adapters(model: nn.Module, path: str, *, compile: bool = False) -> nn.Module:
+    """Rebuild the adapters saved in ``path`` on a fresh ``model`` and load their values.
+
+    :func:`lors_fx.load_adapter_config` + :func:`optimize` (with ``init="zeros"``: the saved
+    values replace any init, so adapters trained with gradient init need no data here) +
+    :func:`lors_fx.load_adapters`. Raises if the model's modules do not match the file; returns
+    ``model``.
+    """
+    config = dataclasses.replace(load_adapter_config(path), init="zeros")
+    optimize(model, config, compile=compile)
+    load_adapters(model, path)
     return model

@@ -1,9 +1,20 @@
 """``compile_model``: install the lors backend on a model's forward, with an eager fallback.
 
-The compiled forward is an instance attribute with the original signature (HF Trainer inspects
-it), so ``state_dict`` keys do not change. Calls with gradients disabled (eval, ``generate()``) run
-the eager op; a graph break, an empty capture or a dynamo error warns once with the reason and
-falls back to the eager op for good.
+- Every adapter module emits the naive form (``emit_reference=True``), which the backend's passes
+  rewrite into the lors op; HF models get ``config.use_cache = False`` (restored by
+  :func:`decompile_model`).
+- The bound ``forward`` is compiled and installed as an instance attribute, so ``model(...)``,
+  training loops and the HF Trainer use it, while ``state_dict()`` keys do not change (no
+  ``_orig_mod.`` wrapper) and the forward's signature is kept (the Trainer inspects it).
+- Calls with gradients disabled (evaluation, ``generate()``) run the eager path: the adapters call
+  the lors op directly. It is exact, saves nothing, and avoids a recompile per generation length;
+  the compiled path is for training steps.
+- If dynamo cannot capture the forward (a compile error, an empty capture, or, with
+  ``fallback_on_graph_break``, any graph break on a call) the model falls back to the eager op
+  path for good, with a warning that says why: code outside a graph would run the naive form,
+  which saves ``W'``. The call that found the graph break has already run correctly; a call whose
+  compile failed is rerun eagerly (if that fails too, its error is raised and nothing changes).
+- A deep copy of the compiled model runs eagerly (compile the copy to compile it).
 """
 from __future__ import annotations
 
@@ -17,17 +28,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import _torch_private as private
-from .backend import STATE_ATTR, LorsCompileState, backend
-from .config import LorsConfig
+from lors_fx._collectives import is_sharded
+from lors_fx.adapters import lors_modules
+from lors_fx.compiler import _torch_private as private
+from lors_fx.compiler.backend import backend
+from lors_fx.compiler.blocks import decoder_blocks, inside
+from lors_fx.compiler.state import LorsCompileState, compile_state_of, is_compiled
+from lors_fx.config import LorsConfig, parse_checkpoint_policy
+from lors_fx.state import LorsState, set_state, state_of
 
 __all__ = ["compile_model", "decompile_model"]
-
-
-def _adapter_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    from .adapters import lors_modules
-
-    return lors_modules(model)
 
 
 @contextlib.contextmanager
@@ -74,7 +84,6 @@ class _CompiledForward:
             # Compiled whole (scope "auto"), then sharded by FSDP2 before the first training
             # step (e.g. by accelerate's prepare): compile each block instead, so FSDP2's hooks
             # run between graphs rather than breaking one.
-            from .distributed import is_sharded
             model, options = self.rescope[0](), self.rescope[1]
             if model is not None and torch.is_grad_enabled() and is_sharded(model):
                 self.rescope = None
@@ -145,47 +154,13 @@ class _EagerForward:
         functools.update_wrapper(self, type(model).forward)
 
     def __call__(self, *args, **kwargs):
-        with _eager_adapters(list(_adapter_modules(self.model).values())):
+        with _eager_adapters(list(lors_modules(self.model).values())):
             return type(self.model).forward(self.model, *args, **kwargs)
-
-
-def _fresh_entry_point(forward: Callable) -> Callable:
-    """``forward`` (a bound method) re-bound to a copy of its function with its own code object.
-
-    Dynamo keeps its compiled-graph cache (and recompile limit) per code object. HF forwards of
-    different models share decorator wrappers' code, so compiling them directly would pile every
-    model's graphs onto one cache (and count them as recompiles of one another). The copy keeps
-    the same frame structure, so graph breaks are counted as for the original. Anything that is
-    not a plain bound method gets a one-line trampoline with a fresh code object instead.
-    """
-    function, owner = getattr(forward, "__func__", None), getattr(forward, "__self__", None)
-    if isinstance(function, types.FunctionType) and owner is not None:
-        return types.MethodType(_clone_function(function), owner)
-    namespace = {"_lors_forward": forward}
-    exec("def lors_compiled_forward(*args, **kwargs):\n"  # noqa: S102 - a fixed source
-         "    return _lors_forward(*args, **kwargs)\n", namespace)
-    return namespace["lors_compiled_forward"]
-
-
-def _clone_function(function: types.FunctionType) -> types.FunctionType:
-    """``function`` with a code object of its own (same globals, defaults and closure)."""
-    clone = types.FunctionType(function.__code__.replace(), function.__globals__,
-                               function.__name__, function.__defaults__, function.__closure__)
-    clone.__kwdefaults__ = function.__kwdefaults__
-    functools.update_wrapper(clone, function)
-    return clone
-
-
-def _inside(name: str, block: str) -> bool:
-    return name == block or name.startswith(block + ".")
 
 
 def _compile_roots(model: nn.Module, scope: str, config: LorsConfig) -> List[nn.Module]:
     """The modules whose forward gets compiled: ``[model]``, or its decoder blocks; validated
     (nothing is changed here)."""
-    from .config import parse_checkpoint_policy
-    from .distributed import decoder_blocks, is_sharded
-
     if scope not in ("auto", "model", "blocks"):
         raise ValueError(f"compile_model: scope must be 'auto', 'model' or 'blocks', got "
                          f"{scope!r}")
@@ -194,7 +169,7 @@ def _compile_roots(model: nn.Module, scope: str, config: LorsConfig) -> List[nn.
     if scope == "model":
         return [model]
     blocks = decoder_blocks(model)
-    outside = [n for n in _adapter_modules(model) if not any(_inside(n, b) for b, _ in blocks)]
+    outside = [n for n in lors_modules(model) if not any(inside(n, b) for b, _ in blocks)]
     if outside:
         raise ValueError(f"compile_model(scope='blocks'): adapted modules outside the decoder "
                          f"blocks would run uncompiled: {outside[:4]}")
@@ -224,7 +199,7 @@ def _install_block_forwards(model: nn.Module, roots: List[nn.Module], state: Lor
         function = type(block).forward
         compiled = compiled_by_function.get(function)
         if compiled is None:
-            compiled = torch.compile(_clone_function(function), dynamic=dynamic,
+            compiled = torch.compile(private.clone_function(function), dynamic=dynamic,
                                      backend=backend_fn)
             compiled_by_function[function] = compiled
         block.forward = _CompiledForward(block, state, functools.partial(compiled, block),
@@ -252,25 +227,14 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
                   fallback_on_graph_break: bool = True, scope: str = "auto") -> nn.Module:
     """Compile ``model``'s forward with the lors backend, in place; returns ``model``.
 
-    - Every adapter module emits the naive form (``emit_reference=True``), which the backend's
-      passes rewrite into the lors op; HF models get ``config.use_cache = False``.
-    - The bound ``forward`` is compiled and installed as an instance attribute, so
-      ``model(...)``, training loops and the HF Trainer use it, while ``state_dict()`` keys do not
-      change (no ``_orig_mod.`` wrapper) and the forward's signature is kept.
-    - Calls with gradients disabled (evaluation, ``generate()``) run the eager path: the adapters
-      call the lors op directly. It is exact, saves nothing, and avoids a recompile per
-      generation length; the compiled path is for training steps.
-    - If dynamo cannot capture the forward (a compile error, or, with
-      ``fallback_on_graph_break``, any graph break on a call) the model falls back to the eager
-      op path for good, with a warning that says why: code outside a graph would run the naive
-      form, which saves ``W'``. The call that found the graph break has already run correctly;
-      a call whose compile failed is rerun eagerly (if that fails too, its error is raised and
-      nothing changes).
-    - A deep copy of the compiled model runs eagerly (compile the copy to compile it).
+    The adapters emit the naive form for the passes to rewrite into the op; the compiled forward
+    is installed as an instance attribute (same signature, same ``state_dict`` keys); calls
+    without gradients and deep copies run the eager op; a graph break or compile error falls
+    back to the eager op for good, with a warning that says why (module docstring).
 
     Args:
         model: a model with LoRS adapters (:func:`lors_fx.attach_adapters`).
-        config: the :class:`LorsConfig` (default: ``model.lors_config``, else ``LorsConfig()``).
+        config: the :class:`LorsConfig` (default: the model's, else ``LorsConfig()``).
         dynamic: passed to ``torch.compile`` (None: dynamic shapes after a recompile).
         report_before: measure what the un-rewritten graphs would save (one side trace each).
         passes: forward passes instead of the default ones.
@@ -282,21 +246,22 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
             but before its first training step (accelerate's ``prepare``), that step switches to
             ``"blocks"``.
 
-    Everything is recorded in ``model._lors_state`` (see :func:`lors_fx.report`).
+    Everything is recorded in :func:`lors_fx.state_of` ``(model).compiled`` (see
+    :func:`lors_fx.report`).
     """
-    config = getattr(model, "lors_config", None) if config is None else config
-    config = LorsConfig() if config is None else config
+    model_state = state_of(model)
+    if config is None:
+        config = model_state.config if model_state is not None else LorsConfig()
     roots = _compile_roots(model, scope, config)  # validates before anything changes
-    old_state = model.__dict__.get(STATE_ATTR)
-    if old_state is not None and old_state.original_forward is not None:
+    if is_compiled(model):
         decompile_model(model)
-    modules = list(_adapter_modules(model).values())
+    modules = list(lors_modules(model).values())
     state = LorsCompileState(config=config, original_forward=model.forward)
     _ignore_transformers_logging()
     backend_fn = backend(config, model=model, passes=passes, report_before=report_before,
                          state=state, graph_is_block=roots != [model])
     if roots == [model]:
-        compiled = torch.compile(_fresh_entry_point(state.original_forward), dynamic=dynamic,
+        compiled = torch.compile(private.fresh_entry_point(state.original_forward), dynamic=dynamic,
                                  backend=backend_fn)
         forward = _CompiledForward(model, state, compiled, modules, fallback_on_graph_break,
                                    state.original_forward)
@@ -310,13 +275,22 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
                                 fallback_on_graph_break)
     for m in modules:
         m.emit_reference = True
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "use_cache"):
-        hf_config.use_cache = False  # the KV cache is an inference structure, not for training
-    model.__dict__[STATE_ATTR] = state
+    _record(model, model_state, state)
     if forward is not None:
         model.forward = forward
     return model
+
+
+def _record(model: nn.Module, model_state: Optional[LorsState], state: LorsCompileState) -> None:
+    """Keep ``state`` in the model's state and turn the HF KV cache off (restored by decompile)."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "use_cache"):
+        # The KV cache is an inference structure, not for training.
+        state.use_cache = hf_config.use_cache
+        hf_config.use_cache = False
+    if model_state is None:  # a model compiled without lors_fx adapters (e.g. PEFT's)
+        model_state = set_state(model, LorsState(config=state.config))
+    model_state.compiled = state
 
 
 def decompile_model(model: nn.Module) -> nn.Module:
@@ -324,10 +298,14 @@ def decompile_model(model: nn.Module) -> nn.Module:
     for module in model.modules():  # the model, compiled blocks, and a deep copy's blocks
         if isinstance(module.__dict__.get("forward"), (_CompiledForward, _EagerForward)):
             del module.__dict__["forward"]
-    for m in _adapter_modules(model).values():
+    for m in lors_modules(model).values():
         m.emit_reference = False
-    state = model.__dict__.get(STATE_ATTR)
+    state = compile_state_of(model)
     if state is not None:
+        hf_config = getattr(model, "config", None)
+        if state.use_cache is not None and hf_config is not None:
+            hf_config.use_cache = state.use_cache
+            state.use_cache = None
         state.compiled_roots = []
         state.original_forward = None
     return model

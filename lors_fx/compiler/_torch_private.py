@@ -1,9 +1,7 @@
 """Every private torch API that lors_fx uses, in one small module.
 
-Tested torch range: **2.13.x** (pinned in ``pyproject.toml``). On import outside that range we warn
-once: the names below live in ``torch._functorch``, ``torch._dynamo``, ``torch._inductor`` and
-``torch._guards``, which carry no stability promise, so a new torch may move or change them. When
-that happens this is the only file to fix.
+Tested torch range: **2.13.x** (pinned in ``pyproject.toml``; a warning on import outside it). The
+names below carry no stability promise, so a new torch may move them: this is the only file to fix.
 
 What is used, and why:
 
@@ -16,19 +14,28 @@ What is used, and why:
   ``passes/insert_checkpoints.py``): ``MUST_RECOMPUTE``/``PREFER_RECOMPUTE`` force recompute,
   ``MUST_SAVE`` bans it; a must-recompute node feeding one of a larger ``ac_graph_id`` is saved.
 - Inductor's ``compile_fx_inner`` and decomposition table, for ``fw_compiler="inductor"``.
-- ``torch._guards`` (``TracingContext``, ``CompileContext``, ``detect_fake_mode``): to trace a second
-  ("before") copy of a graph inside a compile without disturbing the real one, and to read the
-  compile id (``frame_compile_id > 0`` is a recompile).
+- ``torch._guards`` (``TracingContext``, ``CompileContext``, ``detect_fake_mode``): to trace a
+  "before" copy of a graph inside a compile, and the compile id (``> 0``: a recompile).
 - ``torch._dynamo.utils.counters["graph_break"]``: the graph-break counter.
 - ``SymInt.node.hint``: a size hint for symbolic shapes in the saved-tensor report.
 - ``torch._dynamo.config.ignore_logging_functions``: transformers' ``logger.warning_once`` would
   otherwise break the graph (GPT-2).
 - ``OpOverload.is_view``: which saved tensors alias another.
+- ``torch._dynamo.config.recompile_limit``, raised for one block (:func:`recompile_limit_at_least`):
+  the benchmark compiles one model per method, and past the limit dynamo silently runs eager.
+- The profiler's kineto results (:func:`profiler_memory_events`): the per-allocation sizes of a
+  ``profile_memory=True`` run have no public accessor.
+- Dynamo's source names in ``nn_module_stack`` (``L['self'].layers[0]``, ``getattr(...)``) and
+  aot_autograd's ``meta["autograd_backward"]`` on nodes the joint graph traced for backward.
+- Dynamo caches compiled graphs per code object: :func:`fresh_entry_point` gives a forward a code
+  object of its own (so models whose forwards share decorator code do not share one cache).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
+import types
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -60,6 +67,11 @@ __all__ = [
     "is_view_op",
     "ignore_logging_function",
     "dynamo_error_types",
+    "module_path_from_source",
+    "is_backward_traced",
+    "recompile_limit_at_least",
+    "fresh_entry_point",
+    "clone_function",
 ]
 
 #: The torch minor version lors_fx is tested against.
@@ -315,3 +327,74 @@ def fsdp_lazy_initialized(model: nn.Module) -> bool:
         if callable(get_state) and getattr(get_state(), "_is_root", None) is not None:
             return True
     return False
+
+
+_GETATTR = re.compile(r"getattr\(([^()]*?),\s*['\"]([^'\"]+)['\"]\)")
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]*['\"]\](\[\d+\])?")
+
+
+def module_path_from_source(source: str) -> str:
+    """Dynamo's module source name -> plain FQN (``L['self'].layers[0]`` -> ``layers.0``)."""
+    text = str(source)
+    while True:
+        new = _GETATTR.sub(r"\1.\2", text)
+        if new == text:
+            break
+        text = new
+    text = _ROOT.sub("", text)
+    text = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", text)
+    text = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", text)
+    return text.strip(".")
+
+
+def is_backward_traced(node: fx.Node) -> bool:
+    """True for a joint-graph node that aot_autograd traced while running the backward."""
+    return bool(node.meta.get("autograd_backward"))
+
+
+def recompile_limit_at_least(limit: int):
+    """Context in which dynamo's ``recompile_limit`` is at least ``limit`` (restored on exit).
+
+    Every model compiled on the same forward code recompiles it (new parameters fail the
+    guards); past the limit dynamo silently runs the frame eagerly.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, int(limit)))
+
+
+def profiler_memory_events(prof, device_type: Optional[str] = None) -> list:
+    """``[(start ns, bytes)]`` of the allocator events (frees negative) a
+    ``torch.profiler.profile(profile_memory=True)`` recorded, in time order; ``device_type``
+    (e.g. ``"CPU"``) keeps one device's events."""
+    return sorted((event.start_ns(), event.nbytes())
+                  for event in prof.profiler.kineto_results.events()
+                  if event.name() == "[memory]"
+                  and (device_type is None or str(event.device_type()).endswith(device_type)))
+
+
+def fresh_entry_point(forward: Callable) -> Callable:
+    """``forward`` (a bound method) re-bound to a copy of its function with its own code object.
+
+    Dynamo keeps its compiled-graph cache (and recompile limit) per code object. HF forwards of
+    different models share decorator wrappers' code, so compiling them directly would pile every
+    model's graphs onto one cache (and count them as recompiles of one another). The copy keeps
+    the same frame structure, so graph breaks are counted as for the original. Anything that is
+    not a plain bound method gets a one-line trampoline with a fresh code object instead.
+    """
+    function, owner = getattr(forward, "__func__", None), getattr(forward, "__self__", None)
+    if isinstance(function, types.FunctionType) and owner is not None:
+        return types.MethodType(clone_function(function), owner)
+    namespace = {"_lors_forward": forward}
+    exec("def lors_compiled_forward(*args, **kwargs):\n"  # noqa: S102 - a fixed source
+         "    return _lors_forward(*args, **kwargs)\n", namespace)
+    return namespace["lors_compiled_forward"]
+
+
+def clone_function(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with a code object of its own (same globals, defaults and closure)."""
+    clone = types.FunctionType(function.__code__.replace(), function.__globals__,
+                               function.__name__, function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    functools.update_wrapper(clone, function)
+    return clone

@@ -2,7 +2,7 @@
 
 Sites come from the adapter modules (every model) and from the compiled graphs (whether the
 rewrite reached them); saved-for-backward bytes, pass timings, graphs, graph breaks and
-recompiles come from the compile state :func:`lors_fx.backend.compile_model` records. For an
+recompiles come from the compile state :func:`lors_fx.compiler.compile_model` records. For an
 uncompiled model, or a compiled one that has not run a training step yet, those are unknown
 (``None``) and the report says so.
 """
@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional
 
 from torch import fx, nn
 
-from .passes.manager import SparseSite
+from lors_fx.adapters import lors_modules
+from lors_fx.compiler.state import compile_state_of
+from lors_fx.passes.manager import SparseSite
+from lors_fx.sparsity import pattern_of, sparsity_of
 
 __all__ = ["LorsReport", "report"]
 
@@ -111,9 +114,6 @@ def _or_unknown(value: Optional[int]) -> str:
 
 
 def _module_sites(model: nn.Module) -> Dict[str, SparseSite]:
-    from .adapters import lors_modules
-    from .sparsity import pattern_of, sparsity_of
-
     sites = {}
     for fqn, module in lors_modules(model).items():
         weight = module.true_weight().detach()
@@ -136,11 +136,9 @@ def _latest_per_frame(graphs: list) -> list:
 
 def report(model: nn.Module) -> LorsReport:
     """Describe ``model``'s LoRS sites, passes, saved tensors, graphs, breaks and recompiles."""
-    from .backend import STATE_ATTR
-
     result = LorsReport()
     sites = _module_sites(model)
-    state = model.__dict__.get(STATE_ATTR)
+    state = compile_state_of(model)
     if state is None:
         result.sites = list(sites.values())
         result.notes.append("not compiled (eager op path): saved-for-backward bytes, passes and "
