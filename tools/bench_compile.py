@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lors_fx.bench import saved_bytes
+from lors_fx._nn import replace_module
+from lors_fx.methods.measure import peak_bytes, saved_bytes
+from lors_fx.compiler import compile_state_of
 
 try:
     from tabulate import tabulate
@@ -121,9 +123,7 @@ def swap_linears(model: nn.Module, cls, r: int, alpha: float) -> List[str]:
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and not n.endswith("lm_head") and bool((m.weight == 0).any())]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, cls(getattr(owner, child), r, alpha))
+        replace_module(model, name, cls(model.get_submodule(name), r, alpha))
     return names
 
 
@@ -143,7 +143,7 @@ def _lors_config(args, checkpoint: str = "none"):
 def setup_lors(args, compile: bool, checkpoint: str = "none") -> nn.Module:
     """``lors_fx.optimize(model, cfg, compile=...)``."""
     try:
-        from lors_fx.optimize import optimize
+        from lors_fx.api import optimize
     except ImportError as error:
         raise RuntimeError(f"lors_fx.optimize not importable ({error})") from error
     model = build_model(args)
@@ -205,17 +205,7 @@ class Runner:
 
     def peak_bytes(self) -> int:
         """High-water mark of live tensor bytes during one step, above the level at its start."""
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        level = peak = 0
-        for _, nbytes in events:
-            level += nbytes
-            peak = max(peak, level)
-        return peak
+        return peak_bytes(self.step, torch.device("cpu"))
 
 
 def _reason(error: BaseException) -> str:
@@ -239,7 +229,7 @@ def run(args) -> dict:
             row["first_step_s"] = time.perf_counter() - start
             for _ in range(args.warmup):
                 runner.step()
-            state = runner.model.__dict__.get("_lors_state")
+            state = compile_state_of(runner.model)
             if state is not None and getattr(state, "fallback", None):
                 row["note"] = f"fell back to eager: {state.fallback}"
             runners[name] = runner

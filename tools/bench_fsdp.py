@@ -4,14 +4,14 @@
 
 Each rank builds the same model (SmolLM2-135M's block shapes, ``--layers`` decoder blocks, random
 weights, 50% magnitude-pruned), attaches one method (``lors``: lors_fx.optimize, eager op;
-``sqft``: the naive masked form under autograd, lors_fx.baselines), shards it with
+``sqft``: the naive masked form under autograd, lors_fx.methods.baselines), shards it with
 :func:`lors_fx.distributed.shard_model` and runs ``--repeats`` training steps of ``--tokens``
 tokens per rank. Measured per rank, rank 0 reported:
 
 - ``sharded_params``: bytes of this rank's parameter shards (the base is split over the ranks);
-- ``saved``: bytes autograd keeps for backward in one forward, counted with
-  ``saved_tensors_hooks`` on every saved tensor that is not a Parameter (FSDP2's gathered weights
-  are Parameters and are freed after the forward, so they are not counted);
+- ``saved``: bytes autograd keeps for backward in one forward
+  (:class:`lors_fx.methods.measure.SavedBytes`), every saved Parameter skipped (FSDP2's gathered
+  weights are Parameters and are freed after the forward, so they are not counted);
 - ``step_s``: median wall time of a step (forward, backward, AdamW).
 
 SQFT's ``W'`` and mask are built from the all-gathered weight, so they are full-size on every
@@ -34,9 +34,9 @@ SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
 
 def build(method: str, layers: int, r: int):
     from lors_fx import LorsConfig, optimize
-    from lors_fx.baselines import apply_method
+    from lors_fx.methods import apply_method
     from lors_fx.distributed import shard_model
-    from lors_fx.tiny_models import build_tiny, prune_
+    from lors_fx.testing.tiny_models import build_tiny, prune_
 
     model = build_tiny("llama", seed=0, num_hidden_layers=layers, **SHAPES)
     prune_(model, "50%")
@@ -50,22 +50,17 @@ def build(method: str, layers: int, r: int):
 
 
 def saved_non_parameter_bytes(run) -> int:
-    seen = {}
+    """Bytes one forward saves for backward, Parameters skipped; then the backward runs."""
+    from lors_fx.methods.measure import SavedBytes
 
-    def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(skip_parameters=True) as saved:
         loss = run()
     loss.backward()
-    return sum(seen.values())
+    return saved.total
 
 
 def measure(method: str, args, rank: int, world: int) -> dict:
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     model = build(method, args.layers, args.r)
     local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local")

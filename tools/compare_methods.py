@@ -48,11 +48,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tabulate import tabulate
 
-    from lors_fx.data import build_lm_splits, calibration_sample, load_texts, split_documents
-    from lors_fx.embedded import load_smollm2
-    from lors_fx.evaluate import text_perplexity
-    from lors_fx.prune import prune_model
-    from lors_fx.train import TrainConfig, prepare_model, train
+    from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, split_documents
+    from lors_fx.workflows.embedded import load_smollm2
+    from lors_fx.workflows.evaluate import text_perplexity
+    from lors_fx.workflows.prune import prune_model
+    from lors_fx.workflows.train import TrainConfig, prepare_model, train
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2(torch.float32, progress=False)

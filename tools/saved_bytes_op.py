@@ -3,8 +3,8 @@
     python tools/saved_bytes_op.py                       # Llama-2-7B MLP up-projection, T=512, r=16
     python tools/saved_bytes_op.py --d-in 1024 --d-out 2816 --tokens 512 --json out.json
 
-Saved bytes are counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (parameters are
-saved by reference and excluded; a tensor saved twice is counted once). Step time is forward +
+Saved bytes are counted exactly by :func:`lors_fx.methods.measure.saved_bytes` (saved-tensor hooks;
+parameters are saved by reference and excluded; a tensor saved twice is counted once). Step time is forward +
 backward, median of ``--repeats`` after one warm-up, all methods interleaved in one process.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from lors_fx.bench import saved_bytes
+from lors_fx.methods.measure import saved_bytes
 from lors_fx.ops import reference_sparse_lora_linear, sparse_lora_linear
 
 

@@ -12,7 +12,7 @@ What it does, on every rank:
    ``lors_fx.optimize(model, LorsConfig(r, lora_alpha), compile=False)`` BEFORE
    ``accelerator.prepare(model, optimizer)`` (AdamW over the adapters only). ``--compile before``
    passes ``compile=True`` instead; ``--compile after`` compiles the prepared model with
-   ``lors_fx.compiled_model.compile_model`` (per decoder block, since it is sharded by then).
+   ``lors_fx.compiler.compiled_model.compile_model`` (per decoder block, since it is sharded by then).
 3. Trains ``--steps`` AdamW steps on one global batch, ``random_batch(batch * world, seq,
    seed=1000)``, of which each rank takes its own ``batch`` rows: the run equals a single-process
    run on the whole batch (FSDP averages the gradients, the rows have equal token counts), and
@@ -52,7 +52,8 @@ if _REPO not in sys.path:  # run from a checkout without installing
 
 import lors_fx  # noqa: E402
 from lors_fx.distributed import full_tensor  # noqa: E402
-from lors_fx.tiny_models import build_model, random_batch  # noqa: E402
+from lors_fx.testing.tiny_models import build_model, random_batch  # noqa: E402
+from lors_fx.compiler import compile_state_of
 
 #: Seeds of the training batch (every step) and of the fixed batch whose logits are saved.
 DATA_SEED = 1000
@@ -153,9 +154,8 @@ def gathered_linears(model: nn.Module) -> nn.Module:
 
 
 def _compile_state(model: nn.Module) -> Optional[dict]:
-    from lors_fx.backend import STATE_ATTR
 
-    state = getattr(model, STATE_ATTR, None)
+    state = compile_state_of(model)
     if state is None:
         return None
     sites = [site for record in state.graphs for site in record.sites.values()
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         model, optimizer = accelerator.prepare(model, optimizer)
         plain = accelerator.unwrap_model(model)
         if args.compile == "after":
-            from lors_fx.compiled_model import compile_model
+            from lors_fx.compiler.compiled_model import compile_model
 
             compile_model(plain)  # scope "auto": per decoder block on a sharded model
         adapter = next(iter(lors_fx.lors_modules(plain).values())).lora_A

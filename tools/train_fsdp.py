@@ -13,7 +13,7 @@ unless it is already sparse (``--prune``), and rank 0 saves that base to ``OUT/b
 - ``fsdp2``: ``lors_fx.optimize`` then :func:`lors_fx.distributed.shard_model` (``--order A``,
   default; compiled per block with ``--compile``), or shard first and attach after (``--order B``,
   eager op). Backend ``nccl`` when CUDA is there, else ``gloo``.
-- ``deepspeed``: ``optimize(compile=False)`` then :func:`lors_fx.deepspeed_engine.initialize`.
+- ``deepspeed``: ``optimize(compile=False)`` then :func:`lors_fx.distributed.deepspeed.initialize`.
 
 Each rank trains on its own slice of the data (random tokens for the tiny model, the embedded
 English text otherwise). Rank 0 prints the loss averaged over ranks, tokens/s and peak memory; at
@@ -70,13 +70,13 @@ def parse_args(argv=None):
 def build_base(args, rank: int):
     """``(model, tokenizer or None)``: the same pruned model on every rank."""
     from lors_fx.sparsity import sparsity_of
-    from lors_fx.tiny_models import build_tiny, prune_
+    from lors_fx.testing.tiny_models import build_tiny, prune_
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model == "tiny-llama":
         model, tokenizer = build_tiny("llama", seed=args.seed, num_hidden_layers=4), None
     else:
-        from lors_fx.embedded import load_model
+        from lors_fx.workflows.embedded import load_model
         model, tokenizer = load_model(args.model, progress=rank == 0)
     weights = [m.weight for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
@@ -87,14 +87,14 @@ def build_base(args, rank: int):
 
 def batches(args, tokenizer, rank: int, world: int, vocab: int):
     """An endless iterator of this rank's ``{"input_ids", "labels"}`` batches."""
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     if tokenizer is None:
         step = 0
         while True:
             yield random_batch(args.batch, args.seq, seed=10_000 * step + rank, vocab_size=vocab)
             step += 1
-    from lors_fx.data import build_lm_splits, load_texts
+    from lors_fx.workflows.data import build_lm_splits, load_texts
     blocks = build_lm_splits(load_texts("embedded"), tokenizer, block_size=args.seq).train
     mine = list(range(rank, len(blocks), world))
     while True:
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         init["init_data"] = [{k: v.to(device) for k, v in next(data).items()} for _ in range(2)]
     engine = None
     if args.engine == "deepspeed":
-        from lors_fx.deepspeed_engine import initialize, zero_config
+        from lors_fx.distributed.deepspeed import initialize, zero_config
         from lors_fx.distributed import broadcast_adapters
         optimize(model, config, compile=False, **init)
         broadcast_adapters(model)  # each rank's init saw its own data: rank 0's for all
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                   flush=True)
     adapters = os.path.join(args.out, "adapters")
     if engine is not None:
-        from lors_fx.deepspeed_engine import save_adapters_deepspeed, sharded_audit_deepspeed
+        from lors_fx.distributed.deepspeed import save_adapters_deepspeed, sharded_audit_deepspeed
         audit = sharded_audit_deepspeed(engine)
         save_adapters_deepspeed(engine, adapters)
     else:

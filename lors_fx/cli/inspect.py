@@ -15,7 +15,7 @@ The run attaches adapters (:func:`lors_fx.optimize`), compiles with the lors bac
 training step (forward + backward on a random ``--batch x --seq`` batch with labels) and reads
 :func:`lors_fx.report`. ``--meta`` builds the model on the meta device from its config only (no
 weights, seconds even for 7B): every target linear is treated as pruned as requested and the saved
-bytes are theoretical (formula in :mod:`lors_fx.cli_inspect_meta`); nothing is compiled.
+bytes are theoretical (formula in :mod:`lors_fx.cli.inspect_meta`); nothing is compiled.
 
 ``--show`` takes one or more comma-separated views: ``summary`` (default), ``sites``, ``passes``,
 ``saved``, ``graph`` (the emitted ``--graph forward|backward`` GraphModule, with shapes), ``diff``
@@ -55,9 +55,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx
 
-from . import cli_inspect_meta as meta_tools
-from .cli_inspect_meta import BadArgument
-from .passes.manager import SITE_META_KEY
+from lors_fx.cli import inspect_meta as meta_tools
+from lors_fx.cli.inspect_meta import BadArgument, run_inspection
+from lors_fx.config import parse_checkpoint_policy
+from lors_fx.passes.manager import SITE_META_KEY
 
 __all__ = ["add_arguments", "run", "validate", "inspect_model", "render", "dot_text",
            "SHOW_CHOICES"]
@@ -111,8 +112,6 @@ def _number(text, name: str, kind, low, high=None):
 
 def validate(args) -> Dict[str, Any]:
     """Check every argument; returns the parsed options or raises :class:`BadArgument`."""
-    from .config import parse_checkpoint_policy
-
     options: Dict[str, Any] = {}
     options["kind"], options["value"] = meta_tools.resolve_model(args.model)
     if args.sparsity is not None and args.pattern is not None:
@@ -158,8 +157,6 @@ def inspect_model(model: str, **kwargs):
     Keyword arguments as the command line's (``sparsity``, ``pattern``, ``r``, ``grad_mode``,
     ``checkpoint``, ``batch``, ``seq``, ``dtype``, ``meta``, ``backward_before``, ``progress``).
     """
-    from .cli_inspect_meta import run_inspection
-
     kind, value = meta_tools.resolve_model(model)
     return run_inspection(kind, value, name=model, **kwargs)
 
@@ -360,8 +357,6 @@ def run(args) -> int:
         print(f"lors-fx inspect: error: {error}", file=sys.stderr)
         return 2
     try:
-        from .cli_inspect_meta import run_inspection
-
         result = run_inspection(
             options["kind"], options["value"], name=args.model, sparsity=options["sparsity"],
             pattern=options["pattern"], r=options["r"], grad_mode=args.grad_mode,

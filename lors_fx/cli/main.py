@@ -12,14 +12,14 @@ from typing import Optional, Sequence
 
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS = {
-    "example": ("lors_fx.example", "train a tiny pruned Llama with LoRS and audit its sparsity"),
-    "inspect": ("lors_fx.cli_inspect", "show what the LoRS passes did to a model's graphs"),
-    "demo": ("lors_fx.demo", "prune SmolLM2-135M, fine-tune it with LoRS, merge, audit, measure"),
-    "prune": ("lors_fx.prune", "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
-    "train": ("lors_fx.train", "fine-tune a pruned model with LoRS (or SQFT, SPP, LoRA)"),
-    "merge": ("lors_fx.cli_merge", "merge saved LoRS adapters into the base, audit, save"),
-    "eval": ("lors_fx.evaluate", "perplexity (strided) and zero-shot accuracy (lm-eval)"),
-    "bench": ("lors_fx.cli_bench", "benchmark LoRS against LoRA, SQFT, SPP and full sparse FT"),
+    "example": ("lors_fx.cli.example", "train a tiny pruned Llama with LoRS and audit its sparsity"),
+    "inspect": ("lors_fx.cli.inspect", "show what the LoRS passes did to a model's graphs"),
+    "demo": ("lors_fx.cli.demo", "prune SmolLM2-135M, fine-tune it with LoRS, merge, audit, measure"),
+    "prune": ("lors_fx.cli.prune", "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
+    "train": ("lors_fx.cli.train", "fine-tune a pruned model with LoRS (or SQFT, SPP, LoRA)"),
+    "merge": ("lors_fx.cli.merge", "merge saved LoRS adapters into the base, audit, save"),
+    "eval": ("lors_fx.cli.eval", "perplexity (strided) and zero-shot accuracy (lm-eval)"),
+    "bench": ("lors_fx.cli.bench", "benchmark LoRS against LoRA, SQFT, SPP and full sparse FT"),
 }
 
 

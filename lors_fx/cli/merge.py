@@ -1,7 +1,7 @@
 """``lors-fx merge``: fold saved LoRS adapters into their pruned base and save a plain sparse model.
 
 Steps: load the base (a local HF directory or ``smollm2``), snapshot its zero pattern, rebuild the
-same adapters from ``adapter_config.json`` (:func:`attach_saved_adapters`: same config, eager
+same adapters from ``adapter_config.json`` (:func:`lors_fx.restore_adapters`: same config, eager
 path, then :func:`lors_fx.load_adapters`), :func:`lors_fx.merge`, audit that the zero pattern is
 bit-for-bit the base's (no pruned weight became nonzero, no kept weight became zero), and
 ``save_pretrained`` the merged model (plus the tokenizer). The output loads with plain
@@ -16,15 +16,11 @@ from typing import Dict
 import torch
 from torch import nn
 
-__all__ = ["attach_saved_adapters", "merge_and_audit", "add_arguments", "run"]
+from lors_fx.api import merge, restore_adapters
+from lors_fx.sparsity import audit, snapshot_masks
+from lors_fx.workflows.embedded import load_model
 
-
-def attach_saved_adapters(model: nn.Module, path: str) -> nn.Module:
-    """Rebuild the adapters saved in ``path`` on ``model`` and load their values (in place), on
-    the eager path: :func:`lors_fx.restore_adapters`."""
-    from .serialization import restore_adapters
-
-    return restore_adapters(model, path)
+__all__ = ["merge_and_audit", "add_arguments", "run"]
 
 
 @torch.no_grad()
@@ -32,9 +28,6 @@ def merge_and_audit(model: nn.Module, masks: Dict[str, torch.Tensor]) -> dict:
     """:func:`lors_fx.merge` ``model`` and compare its zero pattern with ``masks`` (from
     :func:`lors_fx.snapshot_masks` of the base); returns ``{"ok", "summary", "new_nonzeros",
     "lost_nonzeros", "checked"}``. ``ok`` means the pattern is identical bit for bit."""
-    from .adapters import merge
-    from .sparsity import audit
-
     merge(model)
     result = audit(model, masks)
     return {"ok": result.ok and not result.lost_nonzeros, "summary": result.summary(),
@@ -56,12 +49,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lors-fx merge``; 0 when the audit passes (the model is saved), 1 otherwise."""
     import sys
 
-    from .embedded import load_model
-    from .sparsity import snapshot_masks
-
     model, tokenizer = load_model(args.model, progress=not args.no_progress)
     masks = snapshot_masks(model)
-    attach_saved_adapters(model, args.adapters)
+    restore_adapters(model, args.adapters)
     report = merge_and_audit(model, masks)
     report.update(model=args.model, adapters=args.adapters, out=args.out)
     if args.json:

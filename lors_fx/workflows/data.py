@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import yaml
 from torch import Tensor
 
 __all__ = [
@@ -171,8 +172,6 @@ def load_texts(source: str = "embedded", *, split: str = "train", text_field: st
 
 
 def _chatterbot_pairs() -> List[dict]:
-    import yaml
-
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser: 10x faster
     folder = _package_folder("chatterbot_corpus", "pip install --no-deps chatterbot-corpus")
     records = []

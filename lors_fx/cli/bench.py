@@ -1,12 +1,13 @@
 """``lors-fx bench`` / ``tools/bench.py``: the benchmark's command line and output.
 
-The measurements live in :mod:`lors_fx.bench`; this module parses options, runs the grid with a
+The measurements live in :mod:`lors_fx.bench.harness`; this module parses options, runs the grid with a
 progress bar, prints tabulate tables, and writes JSON (and an optional plot).
 See docs/benchmarks.md for the options, the columns and how each is measured.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -15,8 +16,9 @@ from typing import List
 import torch
 from tabulate import tabulate
 
-from .baselines import METHODS
-from .bench import _DTYPES, EXTRA_METHODS, SCHEMA, WORKLOADS, _targets, run_case
+from lors_fx.bench.harness import _DTYPES, EXTRA_METHODS, SCHEMA, WORKLOADS, _targets, run_case
+from lors_fx.compiler._torch_private import recompile_limit_at_least
+from lors_fx.methods.registry import METHODS
 
 __all__ = ["format_case", "add_bench_arguments", "bench_main", "add_arguments", "run", "main"]
 
@@ -106,11 +108,8 @@ def _machine(device) -> dict:
     return info
 
 
-def bench_main(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed ``args``; print tables, write JSON/plot; return it."""
-    if args.quick:
-        args.workloads, args.scale, args.tokens, args.ranks = ["llama_mlp"], 1 / 32, [64], [8]
-        args.dtypes, args.steps, args.warmup, args.config = ["fp32"], 3, 1, None
+def _method_list(args: argparse.Namespace) -> List[str]:
+    """The rows to run: ``--methods`` (default every eager one), plus the compiled rows."""
     methods = list(args.methods or list(METHODS) + ["lors_fx_eager"])
     unknown = [m for m in methods if m.removesuffix("+compile") not in (*METHODS, *EXTRA_METHODS)]
     if unknown:
@@ -118,11 +117,11 @@ def bench_main(args: argparse.Namespace) -> dict:
                          f"{list(METHODS) + list(EXTRA_METHODS)}")
     if args.compile:
         methods += [f"{m}+compile" for m in methods if m in METHODS] + ["lors_fx_compiled"]
-        # Every method compiles the workload's forward again (new parameters fail the guards);
-        # past dynamo's recompile limit (8) it would silently run eager.
-        import torch._dynamo.config as dynamo_config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(methods))
-    methods = list(dict.fromkeys(methods))
+    return list(dict.fromkeys(methods))
+
+
+def _run_grid(args: argparse.Namespace, methods: List[str]) -> List[dict]:
+    """Every case of the grid, printed as it completes, under a progress bar."""
     workloads = list(args.workloads) + (["config"] if args.config else [])
     grid = [(w, t, r, d) for w in workloads for t in args.tokens for r in args.ranks
             for d in args.dtypes]
@@ -131,23 +130,39 @@ def bench_main(args: argparse.Namespace) -> dict:
         bar = tqdm(total=len(grid) * len(methods), desc="bench", leave=False)
     except ImportError:
         bar = None
+
+    def progress(text):
+        if bar is not None:
+            bar.set_postfix_str(text)
+            bar.update(1)
+
+    # Every method compiles the workload's forward again (new parameters fail the guards); past
+    # dynamo's recompile limit (8) it would silently run eager.
+    limit = (recompile_limit_at_least(4 * len(methods)) if args.compile
+             else contextlib.nullcontext())
+    cases = []
+    with limit:
+        for workload, tokens, r, dtype in grid:
+            cases.append(run_case(workload, tokens, r, dtype, methods, args, progress))
+            if bar is not None:
+                bar.clear()
+            print(format_case(cases[-1]), end="\n\n", flush=True)
+    if bar is not None:
+        bar.close()
+    return cases
+
+
+def bench_main(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``args``; print tables, write JSON/plot; return it."""
+    if args.quick:
+        args.workloads, args.scale, args.tokens, args.ranks = ["llama_mlp"], 1 / 32, [64], [8]
+        args.dtypes, args.steps, args.warmup, args.config = ["fp32"], 3, 1, None
+    methods = _method_list(args)
     peak_method = ("cuda: max_memory_allocated - memory_allocated at step start"
                    if torch.device(args.device).type == "cuda" else
                    "cpu: torch.profiler allocation events (profile_memory=True) cumulated over "
                    "one untimed step, peak above the step's start")
-    cases = []
-    for workload, tokens, r, dtype in grid:
-        def progress(text):
-            if bar is not None:
-                bar.set_postfix_str(text)
-                bar.update(1)
-        case = run_case(workload, tokens, r, dtype, methods, args, progress)
-        cases.append(case)
-        if bar is not None:
-            bar.clear()
-        print(format_case(case), end="\n\n", flush=True)
-    if bar is not None:
-        bar.close()
+    cases = _run_grid(args, methods)
     result = {"schema": SCHEMA, "machine": _machine(args.device),
               "args": {k: v for k, v in vars(args).items() if not callable(v)},
               "peak_memory_method": peak_method, "cases": cases, "targets": _targets(cases)}
@@ -177,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> dict:
-    """``python -m lors_fx.cli_bench``: parse ``argv`` and run :func:`bench_main`."""
+    """``python -m lors_fx.cli.bench``: parse ``argv`` and run :func:`bench_main`."""
     parser = add_bench_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     return bench_main(parser.parse_args(argv))
 

@@ -15,25 +15,25 @@ method             forward (the formula each wrapper implements)                
 
 Each wrapper has ``formula(x)`` (the formula in plain torch, differentiated by autograd; LoRS's
 ``grad_mode="lors"`` uses its closed-form straight-through gradient instead), ``merged_weight()``
-and ``merge()`` (a plain ``nn.Linear`` with the merged weight). :func:`apply_method` swaps target
-linears of a model for one wrapper; :data:`METHODS` lists the names it accepts.
+and ``merge()`` (a plain ``nn.Linear`` with the merged weight). The registry
+(:mod:`lors_fx.methods.registry`: :func:`~lors_fx.methods.registry.apply_method`,
+:data:`~lors_fx.methods.registry.METHODS`) swaps the target linears of a model for one wrapper.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import build_merged_weight, reference_sparse_lora_linear, sparse_lora_linear
+from lors_fx.ops import build_merged_weight, reference_sparse_lora_linear, sparse_lora_linear
 
-__all__ = ["LoraLinear", "SqftLinear", "SppLinear", "FullSparseFT", "LorsOpLinear", "METHODS",
-           "SPARSITY_PRESERVING", "apply_method", "trainable_parameters", "wrapped_modules",
-           "install_mask_reapply", "set_reference_mode", "randomize_adapters_",
-           "lors_closed_form"]
+__all__ = ["LoraLinear", "SqftLinear", "SppLinear", "FullSparseFT", "LorsOpLinear",
+           "trainable_parameters", "wrapped_modules", "install_mask_reapply", "set_reference_mode",
+           "randomize_adapters_", "lors_closed_form"]
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -318,72 +318,6 @@ def install_mask_reapply(optimizer: torch.optim.Optimizer, model: nn.Module):
             module.reapply_mask_()
 
     return optimizer.register_step_post_hook(hook)
-
-
-#: name -> (wrapper class, keyword options). ``r``/``alpha`` are passed where the class takes them.
-METHODS = {
-    "lora": (LoraLinear, {}),
-    "sqft": (SqftLinear, {}),
-    "spp": (SppLinear, {"form": "blocks"}),
-    "spp_dense": (SppLinear, {"form": "dense"}),
-    "spp_ckpt": (SppLinear, {"form": "dense", "checkpoint": True}),
-    "full_sparse_ft": (FullSparseFT, {}),
-    "lors": (LorsOpLinear, {"grad_mode": "lors", "recompute": True}),
-    "lors_exact": (LorsOpLinear, {"grad_mode": "exact", "recompute": True}),
-    "lors_keep": (LorsOpLinear, {"grad_mode": "lors", "recompute": False}),
-}
-#: methods whose training and merge keep the zero pattern of W.
-SPARSITY_PRESERVING = tuple(name for name in METHODS if name != "lora")
-
-
-def _make(method: str, base: nn.Linear, r: int, alpha: float, options: dict) -> nn.Module:
-    cls, defaults = METHODS[method]
-    kwargs = {**defaults, **options}
-    if cls is FullSparseFT:
-        return cls(base, **kwargs)
-    return cls(base, r=r, alpha=alpha, **kwargs)
-
-
-def apply_method(model: nn.Module, method: str, r: int = 16, alpha: Optional[float] = None, *,
-                 target_modules: Optional[Sequence[str]] = None, min_sparsity: float = 0.1,
-                 exclude_modules: Sequence[str] = ("lm_head",), **options) -> List[str]:
-    """Freeze ``model`` and swap its target sparse ``nn.Linear`` modules for ``method``'s wrapper.
-
-    Args:
-        model: modified in place.
-        method: a key of :data:`METHODS`.
-        r: adapter rank (SPP's trainable size is set by ``rows``, 16 by default; ``r`` only sets
-            its scale ``alpha / r``).
-        alpha: scale numerator (default ``2 * r``, so ``s = 2``).
-        target_modules: name suffixes to adapt (default: every plain ``nn.Linear`` whose weight
-            has at least ``min_sparsity`` zeros), minus ``exclude_modules``.
-        options: extra keyword options for the wrapper class (override :data:`METHODS`'s).
-
-    Returns:
-        The qualified names of the replaced modules. Raises ``ValueError`` if there are none.
-    """
-    if method not in METHODS:
-        raise ValueError(f"apply_method: unknown method {method!r}; known: {sorted(METHODS)}")
-    alpha = 2.0 * r if alpha is None else float(alpha)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    targets = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or any(name.endswith(e) for e in exclude_modules):
-            continue
-        if target_modules is not None:
-            if any(name == t or name.endswith("." + t) for t in target_modules):
-                targets.append(name)
-        elif (module.weight == 0).float().mean().item() >= min_sparsity:
-            targets.append(name)
-    if not targets:
-        raise ValueError(f"apply_method: no target nn.Linear found (target_modules="
-                         f"{target_modules}, min_sparsity={min_sparsity})")
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _make(method, getattr(parent, child), r, alpha, options))
-    return targets
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:

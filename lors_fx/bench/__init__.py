@@ -1,0 +1,1 @@
+"""The benchmark harness: LoRS against the baselines on layer and model workloads."""

@@ -1,0 +1,70 @@
+"""``lors-fx eval MODEL [--adapters DIR] [--tasks ...]``: held-out perplexity, then zero-shot
+accuracy (lm-eval), of a saved model and its LoRS adapters.
+
+The measurements are :mod:`lors_fx.workflows.evaluate`; this module is their command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from lors_fx.api import restore_adapters
+from lors_fx.workflows.data import load_texts, split_documents
+from lors_fx.workflows.embedded import load_model
+from lors_fx.workflows.evaluate import PAPER_TASKS, text_perplexity, zero_shot
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lors-fx eval MODEL [--adapters DIR] [--tasks ...] [--tasks-dir DIR]``."""
+    add = parser.add_argument
+    add("model", help="a local Hugging Face model directory, or 'smollm2'")
+    add("--adapters", default=None, help="a directory written by save_adapters (lors-fx train)")
+    add("--data", default="embedded", help="held-out text: 'embedded', a file or a hub name")
+    add("--eval-fraction", type=float, default=0.1,
+        help="share of documents held out (split by document, seeded as in lors-fx train)")
+    add("--max-length", type=int, default=1024)
+    add("--stride", type=int, default=None, help="default max_length // 2")
+    add("--max-tokens", type=int, default=None, help="score only the first N held-out tokens")
+    add("--tasks", nargs="*", default=None,
+        help=f"zero-shot tasks (lm-eval); bare --tasks = {' '.join(PAPER_TASKS)}")
+    add("--tasks-dir", default=None, help="folder of <task>.jsonl files (offline)")
+    add("--limit", type=int, default=None, help="examples per task")
+    add("--seed", type=int, default=0)
+    add("--json", metavar="FILE", help="also write the results as JSON")
+    add("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lors-fx eval``: perplexity on held-out text, then zero-shot tasks if asked."""
+    from tabulate import tabulate
+
+    progress = not args.no_progress
+    model, tokenizer = load_model(args.model, progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"model: {args.model} has no tokenizer; evaluation needs one")
+    if args.adapters:
+        restore_adapters(model, args.adapters)
+    texts = load_texts(args.data)
+    _, held_out = split_documents(len(texts), args.eval_fraction, args.seed)
+    ppl = text_perplexity(model, tokenizer, [texts[i] for i in held_out],
+                          max_length=args.max_length, stride=args.stride,
+                          max_tokens=args.max_tokens, progress=progress)
+    summary = {"model": args.model, "adapters": args.adapters, "data": args.data,
+               "perplexity": ppl.to_dict()}
+    rows = [["perplexity", f"{ppl.perplexity:.3f}",
+             f"{ppl.tokens} tokens, max_length {ppl.max_length}, stride {ppl.stride}"]]
+    if args.tasks is not None:
+        tasks = args.tasks or list(PAPER_TASKS)
+        summary["zero_shot"] = zero_shot(model, tokenizer, tasks, tasks_dir=args.tasks_dir,
+                                         limit=args.limit)
+        for task, metrics in summary["zero_shot"].items():
+            rows.append([task, f"{metrics.get('acc', float('nan')):.4f}",
+                         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "acc")])
+    print(tabulate(rows, headers=["metric", "value", "details"]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+            handle.write("\n")
+    return 0

@@ -1,0 +1,101 @@
+"""``lors-fx train MODEL --out DIR``: load (and prune) a model, attach a method, train, save.
+
+The loop and the methods are :mod:`lors_fx.workflows.train`; this module is its command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from lors_fx.workflows.data import (build_instruction_splits, build_lm_splits, calibration_sample,
+                                    load_instructions, load_texts)
+from lors_fx.workflows.embedded import load_model
+from lors_fx.workflows.prune import prune_model
+from lors_fx.workflows.train import TRAIN_METHODS, TrainConfig, prepare_model, train
+
+__all__ = ["add_arguments", "run"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lors-fx train MODEL --out DIR`` (MODEL: a pruned HF directory or 'smollm2')."""
+    add = parser.add_argument
+    add("model", help="a local (pruned) Hugging Face model directory, or 'smollm2'")
+    add("--out", required=True, help="output directory (adapters in OUT/adapters)")
+    add("--method", choices=TRAIN_METHODS, default="lors")
+    add("--data", default="embedded", help="training text: 'embedded', a .txt/.json/.jsonl file "
+        "or a hub name (default: embedded)")
+    add("--instructions", action="store_true", help="--data holds instruction records "
+        "(loss on the responses only)")
+    add("--block-size", type=int, default=256)
+    add("--steps", type=int, default=100)
+    add("--batch-size", type=int, default=4)
+    add("--grad-accum", type=int, default=1)
+    add("--lr", type=float, default=1e-3)
+    add("--warmup-ratio", type=float, default=0.05)
+    add("--weight-decay", type=float, default=0.0)
+    add("-r", "--rank", type=int, default=16)
+    add("--alpha", type=float, default=None, help="scale numerator (default 2*r)")
+    add("--init", choices=("gradient", "zeros"), default=None,
+        help="adapter init (default: gradient for lors, zeros otherwise)")
+    add("--init-samples", type=int, default=64)
+    add("--compile", action="store_true", help="lors: compile with the lors backend")
+    add("--dtype", choices=sorted(_DTYPES), default="fp32",
+        help="fp32, or bf16 (whole model and adapters in bf16)")
+    add("--prune", default=None, metavar="METHOD", help="prune first (magnitude/wanda/sparsegpt)")
+    add("--pattern", default=None, help="with --prune: 'unstructured' or N:M")
+    add("--eval-every", type=int, default=0)
+    add("--eval-blocks", type=int, default=8)
+    add("--save-every", type=int, default=0)
+    add("--seed", type=int, default=0)
+    add("--json", metavar="FILE", help="also write the result as JSON")
+    add("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lors-fx train``: load, (prune), attach, train, save adapters and tokenizer."""
+    progress = not args.no_progress
+    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"model: {args.model} has no tokenizer; training needs text")
+    if args.instructions:
+        splits = build_instruction_splits(load_instructions(args.data), tokenizer,
+                                          block_size=args.block_size, seed=args.seed)
+    else:
+        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
+                                 seed=args.seed)
+    if args.prune:
+        n = min(32, len(splits.train))
+        prune_model(model, args.prune, pattern=args.pattern, progress=progress,
+                    calibration=calibration_sample(splits.train, n, seed=args.seed))
+        # the adapters only make sense on this exact pruned base: keep it beside them
+        model.save_pretrained(os.path.join(args.out, "base"))
+        tokenizer.save_pretrained(os.path.join(args.out, "base"))
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         lr=args.lr, warmup_ratio=args.warmup_ratio,
+                         weight_decay=args.weight_decay, eval_every=args.eval_every,
+                         save_every=args.save_every, output_dir=args.out, seed=args.seed,
+                         progress=progress)
+    init_data = None
+    init = args.init or ("gradient" if args.method == "lors" else "zeros")
+    if init == "gradient":
+        init_data = list(splits.train.batches(args.batch_size, shuffle=True, seed=args.seed + 99))
+    prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
+                  init_data=init_data, init_samples=args.init_samples, compile=args.compile)
+    eval_blocks = splits.eval[: args.eval_blocks] if args.eval_every else None
+    eval_data = [eval_blocks] if eval_blocks is not None else None
+    result = train(model, splits.train, config, eval_data=eval_data)
+    tokenizer.save_pretrained(os.path.join(args.out, "adapters"))
+    summary = {"model": args.model, "method": args.method, "init": init,
+               "final_loss": result.losses[-1], **result.to_dict()}
+    print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+          f"{result.tokens_per_second:.0f} tokens/s; saved {result.checkpoints[-1]}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+            handle.write("\n")
+    return 0
