@@ -1,12 +1,15 @@
-"""Tiny sparse models and data for the adapter/optimize/init/example tests (fast on 2 CPU cores)."""
-from __future__ import annotations
+"""Tiny sparse models and model-state checks shared by the tests (fast on 2 CPU cores).
 
-import copy
+The pruned toy Llama and its batches are the library's (:mod:`lors_fx.testing.toy`); pruning is
+always the library's magnitude pruner (:func:`lors_fx.workflows.prune.magnitude_prune_`).
+"""
+from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lors_fx.example import build_toy_llama, magnitude_prune_, toy_batches  # noqa: F401
+from lors_fx.state import state_of
+from lors_fx.workflows.prune import magnitude_prune_
 
 
 def sparse_mlp(sizes=(64, 128, 128, 32), sparsity=0.5, seed=0, dtype=torch.float32,
@@ -23,21 +26,16 @@ def sparse_mlp(sizes=(64, 128, 128, 32), sparsity=0.5, seed=0, dtype=torch.float
     return model
 
 
-@torch.no_grad()
 def tiny_gpt2(seed=0, sparsity=0.5):
-    """A 1-layer GPT-2 (Conv1D layers, n_embd 32) with every Conv1D pruned along its true rows."""
+    """A 1-layer GPT-2 (Conv1D layers, n_embd 32) with every Conv1D pruned along its true rows
+    (each output's inputs); ``lm_head`` (tied to the embeddings) is left dense."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
                         use_cache=False, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
-    for module in model.modules():
-        if type(module).__name__ == "Conv1D":
-            true_weight = module.weight.t()  # (d_out, d_in) view: prune each output's inputs
-            k = int(true_weight.shape[1] * sparsity)
-            smallest = true_weight.abs().argsort(dim=1)[:, :k]
-            true_weight.scatter_(1, smallest, 0.0)
+    magnitude_prune_(model, sparsity)
     return model
 
 
@@ -46,7 +44,7 @@ def snapshot(model: nn.Module):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     types = [(name, type(m)) for name, m in model.named_modules()]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    attrs = {a: getattr(model, a, None) for a in ("lors_config",)}
+    attrs = state_of(model)
     return state, types, flags, attrs
 
 
@@ -58,7 +56,7 @@ def assert_unchanged(model: nn.Module, snap) -> None:
         assert now[key].dtype == value.dtype and torch.equal(now[key], value), key
     assert [(name, type(m)) for name, m in model.named_modules()] == types
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {a: getattr(model, a, None) for a in attrs} == attrs
+    assert state_of(model) is attrs
 
 
 def randomize_adapters(model: nn.Module, seed=0, scale=0.5) -> None:
@@ -69,8 +67,3 @@ def randomize_adapters(model: nn.Module, seed=0, scale=0.5) -> None:
             if hasattr(module, "lora_B"):
                 for p in (module.lora_A, module.lora_B):
                     p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale)
-
-
-def clone(model):
-    """A deep copy (fresh Parameters)."""
-    return copy.deepcopy(model)

@@ -10,30 +10,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from _toy import (assert_unchanged, build_toy_llama, randomize_adapters, snapshot, sparse_mlp,
-                  tiny_gpt2)
 from lors_fx import (LorsConfig, LorsConv1D, LorsLinear, attach_adapters, load_adapter_config,
                      load_adapters, merge, save_adapters)
 from lors_fx.adapters import lors_modules, reference_sparse_lora_dropout_form
 from lors_fx.ops import reference_sparse_lora_linear
+from lors_fx.state import state_of
+from lors_fx.testing.toy import build_toy_llama
+from tests._toy import assert_unchanged, randomize_adapters, snapshot, sparse_mlp, tiny_gpt2
 
 TOL64 = dict(rtol=1e-10, atol=1e-12)  # float64 op vs float64 reference
 
 
-@pytest.fixture(scope="module")
-def llama_factory():
-    return lambda: build_toy_llama(seed=0)
-
-
-def test_attach_list_targets_keys_and_freezing(llama_factory):
-    model = llama_factory()
+def test_attach_list_targets_keys_and_freezing(toy_llama):
+    model = toy_llama
     weights = {n: m.weight for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     old_keys = list(model.state_dict())
     config = LorsConfig(r=4, target_modules=["q_proj", "v_proj"])
     names = attach_adapters(model, config)
     assert names == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
                      for p in ("q_proj", "v_proj")]
-    assert model.lors_config is config
+    assert state_of(model).config is config
     keys = list(model.state_dict())
     assert [k for k in keys if "lora_" not in k] == old_keys  # base keys unchanged, same order
     assert sorted(k for k in keys if "lora_" in k) == sorted(
@@ -52,11 +48,11 @@ def test_attach_list_targets_keys_and_freezing(llama_factory):
     assert sorted(trainable) == sorted(f"{n}.{p}" for n in names for p in ("lora_A", "lora_B"))
 
 
-def test_attach_regex_and_auto_targets(llama_factory):
-    model = llama_factory()
+def test_attach_regex_and_auto_targets(toy_llama):
+    model = toy_llama
     names = attach_adapters(model, LorsConfig(r=2, target_modules=r"model\.layers\.0\..*_proj"))
     assert len(names) == 7 and all(n.startswith("model.layers.0.") for n in names)
-    model = llama_factory()
+    model = build_toy_llama(seed=0)
     names = attach_adapters(model, LorsConfig(r=2, exclude_modules=["lm_head", "up_proj"]))
     assert len(names) == 12 and not any(n.endswith("up_proj") for n in names)
     # None: dense linears are skipped silently
@@ -166,8 +162,8 @@ def test_training_dropout_form_equals_formula(build, emit_reference):
     assert module.lora_A.grad is not None and module.weight.grad is None
 
 
-def test_conv1d_keeps_layout_and_keys():
-    model = tiny_gpt2()
+def test_conv1d_keeps_layout_and_keys(gpt2):
+    model = gpt2
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     c_attn = model.transformer.h[0].attn.c_attn
     weight = c_attn.weight
@@ -193,7 +189,7 @@ def test_merge_matches_adapted_and_keeps_zero_pattern_bit_exact(build):
     with torch.no_grad():
         adapted = run()
     assert merge(model) is model
-    assert not lors_modules(model) and not hasattr(model, "lors_config")
+    assert not lors_modules(model) and state_of(model) is None
     with torch.no_grad():
         torch.testing.assert_close(run(), adapted, rtol=1e-5, atol=1e-5)
     for name in modules:
@@ -305,11 +301,11 @@ def test_restore_adapters_of_a_gradient_init_run_needs_no_data(tmp_path):
 
     model = _optimized()
     randomize_adapters(model, 6)
-    model.lors_config = dataclasses.replace(model.lors_config, init="gradient")
+    state_of(model).config = dataclasses.replace(state_of(model).config, init="gradient")
     save_adapters(model, str(tmp_path))
     assert load_adapter_config(str(tmp_path)).init == "gradient"  # the record is kept
     fresh = restore_adapters(build_toy_llama(seed=0), str(tmp_path))
-    assert fresh.lors_config.init == "zeros"
+    assert state_of(fresh).config.init == "zeros"
     for name, module in lors_modules(model).items():
         assert torch.equal(module.lora_A, fresh.get_submodule(name).lora_A)
         assert torch.equal(module.lora_B, fresh.get_submodule(name).lora_B)

@@ -19,7 +19,8 @@ import torch
 import lors_fx
 from lors_fx import LorsConfig, audit, lors_modules, merge, optimize, snapshot_masks
 
-from lors_fx.tiny_models import build_model, random_batch
+from lors_fx.testing.tiny_models import build_model, random_batch
+from lors_fx.compiler import compile_state_of
 
 CASES = [("llama", "50%"), ("qwen2", "50%"), ("mistral", "50%"), ("gemma3", "50%"),
          ("gpt2", "50%"), ("llama", "2:4"), ("gpt2", "2:4")]
@@ -27,11 +28,7 @@ CASES = [("llama", "50%"), ("qwen2", "50%"), ("mistral", "50%"), ("gemma3", "50%
 BATCH, SEQ, STEPS = 2, 12, 20
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch.compiler.reset()
-    yield
-    torch.compiler.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _loss_and_grads(model, batch):
@@ -91,7 +88,7 @@ def test_compiled_training_equals_eager_and_saves_no_w_prime(name, pattern):
             optimizer.zero_grad(set_to_none=True)
             m(**step_batch).loss.backward()
             optimizer.step()
-    state = model._lors_state
+    state = compile_state_of(model)
     assert len(state.graphs) == 1 and state.graph_breaks == 0 and state.fallback is None
     for (key, value), (ref_key, ref_value) in zip(model.state_dict().items(),
                                                   eager.state_dict().items()):
@@ -124,7 +121,7 @@ def test_block_checkpointing_runs_inside_the_backend():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for key in ref_grads:
         torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-6)
-    record = model._lors_state.graphs[0]
+    record = compile_state_of(model).graphs[0]
     (joint,) = record.joint_passes
     assert joint.name == "insert_checkpoints" and joint.count > 0
     assert joint.details["blocks_checkpointed"] == ["model.layers.0", "model.layers.1"]
@@ -142,6 +139,8 @@ def test_block_checkpointing_runs_inside_the_backend():
 
 
 def test_hf_trainer_trains_the_compiled_model(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed (optional: pip install "
+                                              "'lors-fx[dev]'): the HF Trainer needs it")
     from transformers import Trainer, TrainingArguments
 
     model = build_model("llama", "50%")
@@ -155,7 +154,7 @@ def test_hf_trainer_trains_the_compiled_model(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data)
     output = trainer.train()
     assert output.global_step == 3 and output.training_loss > 0
-    state = model._lors_state
+    state = compile_state_of(model)
     assert len(state.graphs) == 1 and state.graph_breaks == 0 and state.fallback is None
     assert lors_fx.report(model).rewritten == 14
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _toy import assert_unchanged, build_toy_llama, snapshot, sparse_mlp, tiny_gpt2, toy_batches
 from lors_fx import LorsConfig, attach_adapters, gradient_init, lors_modules, optimize
 from lors_fx.init import PEFT_ROW_NORM
+from lors_fx.testing.toy import build_toy_llama, toy_batches
+from tests._toy import assert_unchanged, snapshot, sparse_mlp, tiny_gpt2
 
 # fp32 hooks + randomized SVD vs float64 autograd + dense SVD: projector difference (Frobenius).
 # Measured ~1e-5 with relative spectral gaps S[r-1]/S[r] >= 1.05 (asserted below).

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from lors_fx import ops
 from lors_fx.ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
                          sparse_lora_linear)
+from lors_fx.workflows.prune import prune_mask
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 FACTOR = {torch.float64: 64.0, torch.float32: 64.0, torch.bfloat16: 8.0, torch.float16: 8.0}
@@ -47,14 +48,12 @@ SCALING = 1.5
 
 
 def make_mask(d_out, d_in, kind, gen):
-    """Bool keep-mask: ``"unstructured"`` (about half kept) or ``"2:4"`` (2 of every 4 inputs)."""
+    """Bool keep-mask: ``"unstructured"`` (about half kept) or ``"2:4"`` (2 of every 4 inputs,
+    the library's N:M pruning of random scores)."""
     if kind == "unstructured":
         return torch.rand(d_out, d_in, generator=gen) < 0.5
     assert kind == "2:4" and d_in % 4 == 0
-    scores = torch.rand(d_out, d_in // 4, 4, generator=gen)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(-1, scores.topk(2, dim=-1).indices, True)
-    return keep.reshape(d_out, d_in)
+    return ~prune_mask(torch.rand(d_out, d_in, generator=gen), 0.5, (2, 4))
 
 
 def make_case(seed, d_out, d_in, r, batch, dtype, mask_kind="unstructured", with_bias=False,

@@ -5,24 +5,23 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from lors_fx.sparsity import (AuditResult, SparsityViolation, audit, detect_nm, pattern_of,
                               snapshot_masks, sparsity_of, sparsity_report, weight_mask)
+from lors_fx.workflows.prune import prune_mask
+from tests._toy import tiny_gpt2
 
 
 def nm_weight(d_out, d_in, n, m, seed=0, dim=1):
     """Random weight with exactly ``n`` nonzeros in every group of ``m`` consecutive entries
-    along ``dim`` (1 = the input dim of an (d_out, d_in) weight)."""
+    along ``dim`` (1 = the input dim of an (d_out, d_in) weight): the library's N:M pruning of
+    random scores, so which entries survive does not depend on the weight's values."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(d_out, d_in, generator=gen) + 3.0  # nonzero everywhere before pruning
     w = weight if dim == 1 else weight.t()
-    rows, cols = w.shape
-    scores = torch.rand(rows, cols // m, m, generator=gen)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(-1, scores.topk(n, dim=-1).indices, True)
-    w = w * keep.reshape(rows, cols)
+    keep = ~prune_mask(torch.rand(w.shape, generator=gen), 1 - n / m, (n, m))
+    w = w * keep
     return w if dim == 1 else w.t().contiguous()
 
 
@@ -122,16 +121,14 @@ def test_sparsity_report_meta_device():
     assert row.pattern == "meta" and row.shape == (4, 4)
 
 
-def tiny_gpt2():
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
-                                     n_positions=32)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
+def dense_gpt2():
+    """The tests' 1-layer GPT-2 (Conv1D), unpruned: each test writes the pattern it needs."""
+    return tiny_gpt2(sparsity=0.0).eval()
 
 
 def test_sparsity_report_gpt2_conv1d_along_input_dim():
     """GPT-2's Conv1D stores its weight (d_in, d_out): N:M must be read along dim 0."""
-    model = tiny_gpt2()
+    model = dense_gpt2()
     fc = model.transformer.h[0].mlp.c_fc          # Conv1D 32 -> 128, weight (32, 128)
     proj = model.transformer.h[0].mlp.c_proj      # Conv1D 128 -> 32, weight (128, 32)
     assert type(fc).__name__ == "Conv1D" and fc.weight.shape == (32, 128)
@@ -229,7 +226,7 @@ def test_audit_shape_mismatch_raises():
 
 
 def test_audit_gpt2_conv1d():
-    model = tiny_gpt2()
+    model = dense_gpt2()
     fc = model.transformer.h[0].mlp.c_fc
     with torch.no_grad():
         fc.weight.copy_(nm_weight(128, 32, 2, 4, seed=3).t())
@@ -247,7 +244,7 @@ def test_audit_and_report_see_adapted_gpt2_conv1d():
     """After optimize(), GPT-2's Conv1D is a LorsConv1D: audit and report must still see it."""
     import lors_fx
 
-    model = tiny_gpt2()
+    model = dense_gpt2()
     fc = model.transformer.h[0].mlp.c_fc
     with torch.no_grad():
         fc.weight.copy_(nm_weight(128, 32, 2, 4, seed=3).t())

@@ -1,31 +1,30 @@
-"""Graph builders for the pass tests: tiny modules, a capturing dynamo backend, aot numerics.
+"""Graph builders for the pass tests: tiny modules, a capturing dynamo backend, aot numerics, and
+the structural comparison of a pass's output with a hand-built Expected graph.
 
 ``capture(model, *inputs)`` returns what the lors backend sees: dynamo's GraphModule, the real
 example inputs, and a PassContext whose ``extra["placeholder_params"]`` maps placeholders to
 ``(fqn, tensor)`` by identity (parameters and buffers), as the backend builds it.
+
+``assert_graphs_equal(actual, expected)`` is the TVM-style check: both graphs are reduced to
+their node sequences (op, target, arguments, with node arguments replaced by positions) and must
+be equal; placeholders compare by position and ``get_attr`` nodes by target, so an Expected graph
+built by hand on the same root module matches whatever order the pass left its leaves in.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import map_arg
 
+from lors_fx.compiler._torch_private import aot_backend, boxed
 from lors_fx.ops import reference_sparse_lora_linear
 from lors_fx.passes.manager import PassContext, run_passes
-
-
-def prune_(weight: torch.Tensor, sparsity: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """Zero the smallest-magnitude ``sparsity`` fraction of ``weight`` in place (per tensor)."""
-    with torch.no_grad():
-        k = int(weight.numel() * sparsity)
-        if k:
-            threshold = weight.abs().flatten().kthvalue(k).values
-            weight.masked_fill_(weight.abs() <= threshold, 0.0)
-    return weight
+from lors_fx.workflows.prune import magnitude_prune_
 
 
 def placeholder_params(gm: fx.GraphModule, example_inputs, model: nn.Module) -> Dict[str, tuple]:
@@ -45,8 +44,11 @@ class Captured:
 
 
 def capture(model: nn.Module, *inputs, config=None) -> Captured:
-    """Dynamo's first graph of ``model(*inputs)`` (fullgraph), with a ready PassContext."""
-    torch._dynamo.reset()
+    """Dynamo's first graph of ``model(*inputs)`` (fullgraph), with a ready PassContext.
+
+    Dynamo is reset first: a test may capture several instances of one module class, and each
+    must give a first graph of its own (not a recompile, nor the recompile limit's fallback)."""
+    torch.compiler.reset()
     graphs: List[tuple] = []
 
     def backend(gm, example_inputs):
@@ -62,13 +64,12 @@ def capture(model: nn.Module, *inputs, config=None) -> Captured:
 
 def aot_eager(gm: fx.GraphModule, example_inputs):
     """``gm`` through aot_autograd with eager (boxed) forward/backward compilers."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
+    return aot_backend(eager_compiler)(gm, example_inputs)
 
-    def compiler(graph, _inputs):
-        return make_boxed_func(graph.forward)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler)
+def eager_compiler(graph: fx.GraphModule, _example_inputs):
+    """An aot_autograd fw/bw compiler that runs the partitioned graph as it is."""
+    return boxed(graph.forward)
 
 
 def passes_backend(passes, config, record: dict) -> Callable:
@@ -87,7 +88,7 @@ def passes_backend(passes, config, record: dict) -> Callable:
 
 def compile_with(model: nn.Module, passes, config=None):
     """``(compiled model, record)``; record gets ``results``, ``ctx``, ``gm`` on the first call."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     record = {"model": model}
     return torch.compile(model, backend=passes_backend(passes, config, record),
                          fullgraph=True), record
@@ -132,7 +133,7 @@ class MaskedAdapterLinear(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.base = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
-        prune_(self.base.weight.data, sparsity)
+        magnitude_prune_(self.base.weight, sparsity)
         if conv1d:  # GPT-2 layout: stored (d_in, d_out)
             self.base.weight = nn.Parameter(self.base.weight.data.t().contiguous())
         self.base.weight.requires_grad_(False)
@@ -187,3 +188,75 @@ def lors_closed_form(x, g, A, B, s):
     """The ``"lors"`` gradients: dB = s*g^T(x A^T), dA = s*(g B)^T x (2-D x, g)."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     return s * (g2 @ B).t() @ x2, s * g2.t() @ (x2 @ A.t())
+
+
+# ----------------------------------------------------------------------------------------------
+# Before/Expected: hand-built graphs and their structural comparison
+# ----------------------------------------------------------------------------------------------
+
+
+def module_with(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A root module holding ``tensors`` under dotted names (``"proj.weight"``), as parameters
+    (``nn.Parameter`` values, their ``requires_grad`` kept) or buffers: what ``get_attr`` nodes of
+    hand-built graphs read, and what the passes measure sparsity and shapes on."""
+    root = nn.Module()
+    for name, value in tensors.items():
+        owner = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
+    return root
+
+
+def graph_signature(gm: fx.GraphModule, meta_keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """The graph as plain data: how many placeholders, the targets of its ``get_attr`` nodes
+    (sorted, one entry per node), and every other node in order as
+    ``(op, target, args, kwargs[, {meta key: value}])``, node arguments replaced by
+    ``("input", i)``, ``("attr", target)`` or ``("node", position)``."""
+    refs: Dict[fx.Node, tuple] = {}
+    inputs, attrs, nodes = 0, [], []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            refs[node], inputs = ("input", inputs), inputs + 1
+        elif node.op == "get_attr":
+            refs[node] = ("attr", node.target)
+            attrs.append(node.target)
+        else:
+            refs[node] = ("node", len(nodes))
+            entry = (node.op, node.target, map_arg(node.args, refs.__getitem__),
+                     map_arg(node.kwargs, refs.__getitem__))
+            if meta_keys:
+                entry += ({key: node.meta.get(key) for key in meta_keys},)
+            nodes.append(entry)
+    return {"inputs": inputs, "attrs": sorted(attrs), "nodes": nodes}
+
+
+def _format_entry(index: int, entry: tuple) -> str:
+    op, target, args, kwargs = entry[:4]
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    meta = f"  meta={entry[4]}" if len(entry) > 4 else ""
+    return f"  %{index} = {op}[{name}]{tuple(args)} {dict(kwargs) or ''}{meta}"
+
+
+def assert_graphs_equal(actual: fx.GraphModule, expected: fx.GraphModule,
+                        meta_keys: Sequence[str] = ()) -> None:
+    """Assert that ``actual`` (a pass's output) has the node sequence of the hand-built
+    ``expected``: same ops, targets and arguments in the same order, placeholders by position,
+    ``get_attr`` by target, and equal ``node.meta[key]`` for each of ``meta_keys``."""
+    actual.graph.lint()
+    got, want = graph_signature(actual, meta_keys), graph_signature(expected, meta_keys)
+    if got == want:
+        return
+    lines = []
+    for label, signature in (("actual", got), ("expected", want)):
+        lines.append(f"{label}: {signature['inputs']} inputs, attrs {signature['attrs']}")
+        lines += [_format_entry(i, entry) for i, entry in enumerate(signature["nodes"])]
+    first = next((i for i, (a, b) in enumerate(zip(got["nodes"], want["nodes"])) if a != b),
+                 min(len(got["nodes"]), len(want["nodes"])))
+    raise AssertionError(f"graphs differ (first at node %{first}):\n" + "\n".join(lines))

@@ -9,11 +9,14 @@ from torch import fx, nn
 from torch.testing import FileCheck
 
 from lors_fx import LorsConfig
-from lors_fx.ops import reference_sparse_lora_linear
+from lors_fx.ops import DEFAULT_CHUNK_BYTES, reference_sparse_lora_linear
 from lors_fx.passes.convert_peft_lora import convert_peft_lora
-from lors_fx.passes.manager import SITE_META_KEY, PassContext, run_passes
+from lors_fx.passes.manager import SITE_META_KEY, PassContext, SparseSite, run_passes
+from lors_fx.workflows.prune import magnitude_prune_
+from tests.passes._graphs import (assert_graphs_equal, capture, compile_with, grads_of,
+                                  module_with)
 
-from _graphs import capture, compile_with, grads_of, prune_
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 LORS_OP = torch.ops.lors.sparse_lora_linear.default
 ON = LorsConfig(convert_peft=True, grad_mode="exact")
@@ -27,7 +30,7 @@ class PeftLikeLinear(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.base_layer = nn.Linear(d_in, d_out, dtype=torch.float64)
-        prune_(self.base_layer.weight.data, sparsity)
+        magnitude_prune_(self.base_layer.weight, sparsity)
         self.base_layer.weight.requires_grad_(False)
         self.lora_A = nn.Linear(d_in, r, bias=False, dtype=torch.float64)
         self.lora_B = nn.Linear(r, d_out, bias=False, dtype=torch.float64)
@@ -50,6 +53,79 @@ class PeftLikeLinear(nn.Module):
 
 def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Before/Expected on hand-built graphs (weights read by get_attr)
+# ----------------------------------------------------------------------------------------------
+
+
+def _peft_root():
+    """PEFT's names: a frozen (6, 8) ``base_layer`` pruned per row (4:8), rank-2 lora_A/lora_B."""
+    torch.manual_seed(0)
+    return module_with({
+        "base_layer.weight": nn.Parameter(magnitude_prune_(torch.randn(6, 8), 0.5),
+                                          requires_grad=False),
+        "base_layer.bias": nn.Parameter(torch.randn(6)),
+        "lora_A.weight": nn.Parameter(torch.randn(2, 8)),
+        "lora_B.weight": nn.Parameter(torch.randn(6, 2)),
+    })
+
+
+def _peft_leaves(graph):
+    x = graph.placeholder("x")
+    return (x,) + tuple(graph.get_attr(name) for name in
+                        ("base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"))
+
+
+def _before_peft(root, dropout):
+    """``linear(x, W, b) + linear(linear(drop(x), A), B) * 2.0``; ``drop`` is the identity (no
+    node) for ``dropout=None``, else ``F.dropout(x, dropout, True, False)``."""
+    graph = fx.Graph()
+    x, W, b, A, B = _peft_leaves(graph)
+    result = graph.call_function(F.linear, (x, W, b))
+    adapter_input = x if dropout is None else graph.call_function(F.dropout,
+                                                                  (x, dropout, True, False))
+    hidden = graph.call_function(F.linear, (adapter_input, A))
+    delta = graph.call_function(operator.mul, (graph.call_function(F.linear, (hidden, B)), 2.0))
+    graph.output(graph.call_function(operator.add, (result, delta)))
+    return fx.GraphModule(root, graph)
+
+
+SITE = SparseSite(fqn="base_layer", shape=(6, 8), sparsity=0.5, pattern="4:8", rank=2,
+                  grad_mode="exact", rewritten=True)
+
+
+def test_before_expected_identity_dropout_becomes_one_op():
+    root = _peft_root()
+    gm = _before_peft(root, dropout=None)
+    [result] = run_passes(gm, [convert_peft_lora], PassContext(config=ON))
+    assert result.count == 1 and result.details == {
+        "converted": ["base_layer"], "two_product": [], "changes_forward": True}
+
+    graph = fx.Graph()
+    x, W, b, A, B = _peft_leaves(graph)
+    op = graph.call_function(LORS_OP, (x, W, A, B, b, 2.0, "exact", True, DEFAULT_CHUNK_BYTES))
+    op.meta[SITE_META_KEY] = SITE
+    graph.output(op)
+    assert_graphs_equal(gm, fx.GraphModule(root, graph), meta_keys=(SITE_META_KEY,))
+
+
+def test_before_expected_real_dropout_keeps_the_base_linear():
+    root = _peft_root()
+    gm = _before_peft(root, dropout=0.1)
+    [result] = run_passes(gm, [convert_peft_lora], PassContext(config=ON))
+    assert result.count == 1 and result.details["two_product"] == ["base_layer"]
+
+    graph = fx.Graph()
+    x, W, b, A, B = _peft_leaves(graph)
+    base = graph.call_function(F.linear, (x, W, b))
+    dropped = graph.call_function(F.dropout, (x, 0.1, True, False))
+    delta = graph.call_function(LORS_OP, (dropped, W, A, B, None, 2.0, "exact", False,
+                                          DEFAULT_CHUNK_BYTES))
+    delta.meta[SITE_META_KEY] = SITE
+    graph.output(graph.call_function(operator.add, (base, delta)))
+    assert_graphs_equal(gm, fx.GraphModule(root, graph), meta_keys=(SITE_META_KEY,))
 
 
 @pytest.mark.parametrize("config", [None, LorsConfig()], ids=["no-config", "default-config"])
@@ -94,8 +170,7 @@ def test_real_dropout_becomes_two_product_form():
     original = copy.deepcopy(captured.gm)
     [result] = run_passes(captured.gm, [convert_peft_lora], captured.ctx)
     assert result.count == 1 and result.details["two_product"] == ["base_layer"]
-    assert _targets(captured.gm) == [torch._C._nn.linear, F.dropout, LORS_OP,
-                                     operator.add]
+    assert _targets(captured.gm) == [F.linear, F.dropout, LORS_OP, operator.add]
     [op] = captured.gm.graph.find_nodes(op="call_function", target=LORS_OP)
     assert op.args[0].target is F.dropout and op.args[4] is None and op.args[7] is False
     # Same seed, same dropout mask: the rewritten graph computes base(x) + masked delta(drop(x)).
@@ -143,7 +218,9 @@ def test_symbolic_trace_call_modules():
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_real_peft_model(lora_dropout):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="peft is not installed (optional: pip install "
+                                              "'lors-fx[dev]'): this test converts a real "
+                                              "PEFT model")
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -151,7 +228,7 @@ def test_real_peft_model(lora_dropout):
             torch.manual_seed(0)
             self.proj = nn.Linear(8, 6, dtype=torch.float64)
             self.other = nn.Linear(6, 6, dtype=torch.float64)  # dense: stays PEFT LoRA
-            prune_(self.proj.weight.data, 0.5)
+            magnitude_prune_(self.proj.weight, 0.5)
 
         def forward(self, x):
             return self.other(self.proj(x))

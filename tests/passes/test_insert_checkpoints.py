@@ -1,25 +1,32 @@
-"""Before/Expected tests for passes/insert_checkpoints.py on real aot_autograd joint graphs.
+"""insert_checkpoints: Before/Expected on a hand-built joint graph (the tags written by hand), and
+on real aot_autograd joint graphs.
 
-Joint graphs are captured once per model (a ``partition_fn`` that keeps a copy), then each test
-tags a fresh copy, runs torch's min-cut partitioner and counts what the forward saves.
+Real joint graphs are captured once per model (a ``partition_fn`` that keeps a copy), then each
+test tags a fresh copy, runs torch's min-cut partitioner and counts what the forward saves.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+import transformers
+from torch import fx, nn
 
-from lors_fx._torch_private import (AC_GRAPH_ID_META_KEY, RECOMPUTE_META_KEY, CheckpointPolicy,
-                                    aot_backend, boxed, min_cut_partition, partition_context)
+from lors_fx.compiler import compile_state_of
+from lors_fx.compiler._torch_private import (AC_GRAPH_ID_META_KEY, RECOMPUTE_META_KEY,
+                                             CheckpointPolicy, aot_backend, boxed,
+                                             min_cut_partition, partition_context)
 from lors_fx.config import LorsConfig
 from lors_fx.ops import reference_sparse_lora_linear
-from lors_fx.passes.insert_checkpoints import (_copy_module, _knapsack, find_blocks,
+from lors_fx.passes._match import copy_graph_module
+from lors_fx.passes.insert_checkpoints import (BLOCK_META_KEY, _knapsack, find_blocks,
                                                forward_nodes, insert_checkpoints,
                                                make_partition_fn, normalize_module_path,
                                                saved_activation_bytes)
 from lors_fx.passes.manager import PassContext
+from lors_fx.workflows.prune import magnitude_prune_
+from tests.passes._graphs import assert_graphs_equal
 
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 D, D_HIDDEN, RANK = 32, 64, 4
 
@@ -81,10 +88,10 @@ def _capture(model, run):
     captured = {}
 
     def partition(joint_gm, joint_inputs, **kwargs):
-        captured["joint"], captured["kwargs"] = _copy_module(joint_gm), kwargs
+        captured["joint"], captured["kwargs"] = copy_graph_module(joint_gm), kwargs
         return min_cut_partition(joint_gm, joint_inputs, **kwargs)
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, backend=aot_backend(identity_compiler, partition_fn=partition))
     run(compiled).backward()
     return captured["joint"], captured["kwargs"]
@@ -124,11 +131,11 @@ def _run(capture, policy):
     Returns (PassResult, ctx, a copy of the tagged joint graph, saved activation bytes, fw graph).
     """
     model, joint, kwargs = capture
-    gm = _copy_module(joint)
+    gm = copy_graph_module(joint)
     ctx = PassContext(config=LorsConfig(checkpoint=policy), model=model,
                       extra={"partition_kwargs": kwargs})
     result = insert_checkpoints(gm, ctx)
-    tagged = _copy_module(gm)
+    tagged = copy_graph_module(gm)
     with partition_context(gm):
         fw_gm, _ = min_cut_partition(gm, None, **kwargs)
     return result, ctx, tagged, saved_activation_bytes(fw_gm, kwargs["num_fwd_outputs"]), fw_gm
@@ -152,17 +159,88 @@ def test_normalize_module_path(source, expected):
     assert normalize_module_path(source) == expected
 
 
+def _module_stack(path):
+    """Dynamo's ``nn_module_stack`` of a node run inside module ``path`` (``"layers.0.act"``)."""
+    parts = path.split(".")
+    return {str(i): (f"L['self'].{'.'.join(parts[:i + 1])}", nn.Module) for i in range(len(parts))}
+
+
 def _graph_with_stacks(paths):
     """A chain of relu nodes, node i carrying an nn_module_stack that ends at ``paths[i]``."""
     graph = torch.fx.Graph()
     value = graph.placeholder("primals_1")
     for path in paths:
         value = graph.call_function(torch.relu, (value,))
-        parts = path.split(".")
-        value.meta["nn_module_stack"] = {
-            str(i): (f"L['self'].{'.'.join(parts[:i + 1])}", nn.Module) for i in range(len(parts))}
+        value.meta["nn_module_stack"] = _module_stack(path)
     graph.output(value)
     return graph
+
+
+def _two_block_joint(tags=None):
+    """A joint graph in aot_autograd's form, by hand: blocks ``layers.0`` and ``layers.1`` (an mm
+    and a relu each), a loss outside the blocks, and a backward node (it reads a tangent).
+    ``tags`` = ``{node name: meta}`` writes the Expected annotations.
+
+        mm0 = mm(primals_1, primals_2)     layers.0.linear
+        relu0 = relu(mm0)                  layers.0.act
+        mm1 = mm(relu0, primals_3)         layers.1.linear
+        relu1 = relu(mm1)                  layers.1.act
+        loss = sum(relu1)                  norm
+        grad = mul(tangents_1, relu1)      (backward)
+    """
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x, w0, w1, tangent = (graph.placeholder(name) for name in
+                          ("primals_1", "primals_2", "primals_3", "tangents_1"))
+    nodes = {}
+
+    def call(name, target, args, path=None):
+        nodes[name] = graph.create_node("call_function", target, args, name=name)
+        if path is not None:
+            nodes[name].meta["nn_module_stack"] = _module_stack(path)
+        return nodes[name]
+
+    relu0 = call("relu0", aten.relu.default, (call("mm0", aten.mm.default, (x, w0),
+                                                     "layers.0.linear"),), "layers.0.act")
+    relu1 = call("relu1", aten.relu.default, (call("mm1", aten.mm.default, (relu0, w1),
+                                                     "layers.1.linear"),), "layers.1.act")
+    loss = call("loss", aten.sum.default, (relu1,), "norm")
+    graph.output([loss, call("grad", aten.mul.Tensor, (tangent, relu1))])
+    for name, meta in (tags or {}).items():
+        nodes[name].meta.update(meta)
+    return fx.GraphModule(nn.Module(), graph)
+
+
+def _tags(block, graph_id=None, policy=None):
+    tags = {BLOCK_META_KEY: block}
+    if graph_id is not None:
+        tags.update({RECOMPUTE_META_KEY: policy, AC_GRAPH_ID_META_KEY: graph_id})
+    return tags
+
+
+RECOMPUTE, SAVE = CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.MUST_SAVE
+TAG_KEYS = (RECOMPUTE_META_KEY, AC_GRAPH_ID_META_KEY, BLOCK_META_KEY)
+
+
+@pytest.mark.parametrize("policy, count, expected_tags", [
+    # every block recomputed; a block's output read outside it (relu0 by mm1, relu1 by the loss)
+    # is saved, with its own block's ac_graph_id
+    ("block", 4, {"mm0": _tags("layers.0", 1, RECOMPUTE), "relu0": _tags("layers.0", 1, SAVE),
+                  "mm1": _tags("layers.1", 2, RECOMPUTE), "relu1": _tags("layers.1", 2, SAVE)}),
+    # blocks 0, 2, ...: layers.1 only gets its block name
+    ("every:2", 2, {"mm0": _tags("layers.0", 1, RECOMPUTE), "relu0": _tags("layers.0", 1, SAVE),
+                    "mm1": _tags("layers.1"), "relu1": _tags("layers.1")}),
+    ("none", 0, {name: _tags(f"layers.{name[-1]}") for name in ("mm0", "relu0", "mm1",
+                                                                "relu1")}),
+])
+def test_before_expected_hand_built_joint_graph(policy, count, expected_tags):
+    gm = _two_block_joint()
+    result = insert_checkpoints(gm, PassContext(config=LorsConfig(checkpoint=policy)))
+    assert result.count == count
+    assert result.details["blocks_found"] == ["layers.0", "layers.1"]
+    # the graph is unchanged; only the forward nodes of the blocks carry tags (loss, backward and
+    # placeholders none)
+    assert_graphs_equal(gm, _two_block_joint(expected_tags), meta_keys=TAG_KEYS)
 
 
 def test_find_blocks_takes_outermost_list_with_siblings():
@@ -313,7 +391,7 @@ def test_checkpointed_step_matches_eager(which, request):
     model.zero_grad(set_to_none=True)
 
     ctx = PassContext(config=LorsConfig(checkpoint="block"), model=model)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     backend = aot_backend(identity_compiler, partition_fn=make_partition_fn(ctx))
     loss = step(torch.compile(model, backend=backend))
     loss.backward()
@@ -339,7 +417,7 @@ def test_checkpointed_dropout_replays_rng():
         torch.manual_seed(0)
         model = TinyStack(dropout=0.3)
         ctx = PassContext(config=LorsConfig(checkpoint=policy), model=model)
-        torch._dynamo.reset()
+        torch.compiler.reset()
         compiled = torch.compile(model, backend=aot_backend(
             identity_compiler, partition_fn=make_partition_fn(ctx)))
         torch.manual_seed(1)
@@ -352,26 +430,17 @@ def test_checkpointed_dropout_replays_rng():
                                    atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _prune_(model, sparsity=0.5):
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if type(module) is nn.Linear and not name.endswith("lm_head"):
-                k = int(module.weight.shape[1] * sparsity)
-                threshold = module.weight.abs().kthvalue(k, dim=1, keepdim=True).values
-                module.weight.masked_fill_(module.weight.abs() <= threshold, 0.0)
-    return model
-
-
 def test_optimize_with_block_checkpoint_matches_eager_op():
     """Through the public path: optimize(compile=True, checkpoint="block") vs the eager op."""
-    from lors_fx.optimize import optimize
+    from lors_fx.api import optimize
 
     inputs = _llama_inputs()
     results = {}
     for compile_, policy in ((False, "none"), (True, "block")):
         torch.manual_seed(0)
-        model = _prune_(tiny_llama())
-        torch._dynamo.reset()
+        model = tiny_llama()
+        magnitude_prune_(model, 0.5)  # every linear but lm_head, per row
+        torch.compiler.reset()
         optimize(model, LorsConfig(r=4, checkpoint=policy), compile=compile_)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -382,7 +451,7 @@ def test_optimize_with_block_checkpoint_matches_eager_op():
         results[policy] = (loss.detach(), _grads(model), model)
     loss, grads, model = results["block"]
     eager_loss, eager_grads, _ = results["none"]
-    records = [r for graph in model._lors_state.graphs for r in graph.joint_passes
+    records = [r for graph in compile_state_of(model).graphs for r in graph.joint_passes
                if r.name == "insert_checkpoints"]
     assert records and records[0].count > 0
     assert len(records[0].details["blocks_checkpointed"]) == 4
@@ -408,14 +477,14 @@ def single_block_capture():
 def test_graph_is_block_checkpoints_the_whole_graph(single_block_capture, flag):
     block, joint, kwargs = single_block_capture
     assert find_blocks(joint.graph, block) == []
-    gm = _copy_module(joint)
+    gm = copy_graph_module(joint)
     ctx = PassContext(config=LorsConfig(checkpoint="block"), model=block,
                       extra={"partition_kwargs": kwargs, "graph_is_block": flag})
     result = insert_checkpoints(gm, ctx)
     with partition_context(gm):
         fw_gm, _ = min_cut_partition(gm, None, **kwargs)
     saved = saved_activation_bytes(fw_gm, kwargs["num_fwd_outputs"])
-    plain = _copy_module(joint)
+    plain = copy_graph_module(joint)
     with partition_context(plain):
         fw_plain, _ = min_cut_partition(plain, None, **kwargs)
     saved_plain = saved_activation_bytes(fw_plain, kwargs["num_fwd_outputs"])

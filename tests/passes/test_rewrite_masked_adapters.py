@@ -3,17 +3,23 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.testing import FileCheck
 
 from lors_fx import LorsConfig
-from lors_fx.passes.manager import SITE_META_KEY, PassContext, run_passes
+from lors_fx.ops import DEFAULT_CHUNK_BYTES
+from lors_fx.passes.manager import SITE_META_KEY, PassContext, SparseSite, run_passes
 from lors_fx.passes.rewrite_masked_adapters import rewrite_masked_adapters
+from lors_fx.workflows.prune import magnitude_prune_
+from tests.passes._graphs import (FORMS, MaskedAdapterLinear, SharedWeffLinear, TwoProductLinear,
+                                  aot_eager, assert_graphs_equal, capture, compile_with, grads_of,
+                                  lors_closed_form, module_with)
 
-from _graphs import (FORMS, MaskedAdapterLinear, SharedWeffLinear, TwoProductLinear, capture,
-                      compile_with, grads_of, lors_closed_form)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 LORS_OP = torch.ops.lors.sparse_lora_linear.default
+KEEP_OP = torch.ops.lors.sparse_lora_linear_keep.default
 X = torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 VARIANTS = [dict(form="reference")] + [dict(form=f) for f in FORMS] + [
     dict(form="s_left", mask="float"), dict(form="s_left", mask="buffer"),
@@ -34,6 +40,109 @@ class Parent(nn.Module):
 
 def _ops(gm):
     return [n for n in gm.graph.nodes if n.target is LORS_OP]
+
+
+# ----------------------------------------------------------------------------------------------
+# Before/Expected on hand-built graphs (weights read by get_attr)
+# ----------------------------------------------------------------------------------------------
+
+
+def _adapter_root():
+    """``proj``: a frozen (6, 8) weight pruned per row by magnitude (4 of each row's 8 inputs
+    kept: the pattern reads as 4:8), a bias and rank-2 adapters."""
+    torch.manual_seed(0)
+    return module_with({
+        "proj.weight": nn.Parameter(magnitude_prune_(torch.randn(6, 8), 0.5), requires_grad=False),
+        "proj.bias": nn.Parameter(torch.randn(6)),
+        "proj.lora_A": nn.Parameter(torch.randn(2, 8)),
+        "proj.lora_B": nn.Parameter(torch.randn(6, 2)),
+    })
+
+
+def _leaves(graph):
+    x = graph.placeholder("x")
+    return (x,) + tuple(graph.get_attr(f"proj.{name}")
+                        for name in ("weight", "lora_A", "lora_B", "bias"))
+
+
+def _masked_delta(graph, W, A, B):
+    """``2.0 * (B @ A) * (W != 0)``, as dynamo records the reference form."""
+    mask = graph.call_function(operator.ne, (W, 0))
+    product = graph.call_function(operator.matmul, (B, A))
+    scaled = graph.call_function(operator.mul, (2.0, product))
+    return graph.call_function(operator.mul, (scaled, mask))
+
+
+def _before_masked_linear(root):
+    """``linear(x, W + 2.0 * (B @ A) * (W != 0), b)``"""
+    graph = fx.Graph()
+    x, W, A, B, b = _leaves(graph)
+    w_eff = graph.call_function(operator.add, (W, _masked_delta(graph, W, A, B)))
+    graph.output(graph.call_function(F.linear, (x, w_eff, b)))
+    return fx.GraphModule(root, graph)
+
+
+def _before_two_product(root):
+    """``linear(x, W, b) + linear(dropout(x), 2.0 * (B @ A) * (W != 0))`` (lora_dropout > 0)."""
+    graph = fx.Graph()
+    x, W, A, B, b = _leaves(graph)
+    base = graph.call_function(F.linear, (x, W, b))
+    dropped = graph.call_function(F.dropout, (x, 0.25, True, False))
+    delta = graph.call_function(F.linear, (dropped, _masked_delta(graph, W, A, B)))
+    graph.output(graph.call_function(operator.add, (base, delta)))
+    return fx.GraphModule(root, graph)
+
+
+def _site(grad_mode):
+    return SparseSite(fqn="proj", shape=(6, 8), sparsity=0.5, pattern="4:8", rank=2,
+                      grad_mode=grad_mode, rewritten=True)
+
+
+def test_before_expected_masked_linear_becomes_the_op():
+    root = _adapter_root()
+    gm = _before_masked_linear(root)
+    [result] = run_passes(gm, [rewrite_masked_adapters], PassContext())
+    assert result.count == 1 and result.details == {"rewritten": ["proj"], "skipped": {}}
+
+    graph = fx.Graph()
+    x, W, A, B, b = _leaves(graph)
+    op = graph.call_function(LORS_OP, (x, W, A, B, b, 2.0, "lors", True, DEFAULT_CHUNK_BYTES))
+    op.meta[SITE_META_KEY] = _site("lors")
+    graph.output(op)
+    assert_graphs_equal(gm, fx.GraphModule(root, graph), meta_keys=(SITE_META_KEY,))
+    torch.testing.assert_close(gm(X[0].float()), _before_masked_linear(root)(X[0].float()))
+
+
+def test_before_expected_without_recompute_keeps_w_prime_and_takes_item_0():
+    root = _adapter_root()
+    gm = _before_masked_linear(root)
+    config = LorsConfig(grad_mode="exact", recompute=False, chunk_bytes=4096)
+    [result] = run_passes(gm, [rewrite_masked_adapters], PassContext(config=config))
+    assert result.count == 1
+
+    graph = fx.Graph()
+    x, W, A, B, b = _leaves(graph)
+    keep = graph.call_function(KEEP_OP, (x, W, A, B, b, 2.0, "exact", True, 4096))
+    out = graph.call_function(operator.getitem, (keep, 0))
+    out.meta[SITE_META_KEY] = _site("exact")
+    graph.output(out)
+    assert_graphs_equal(gm, fx.GraphModule(root, graph), meta_keys=(SITE_META_KEY,))
+
+
+def test_before_expected_two_product_form_keeps_the_base_linear():
+    root = _adapter_root()
+    gm = _before_two_product(root)
+    [result] = run_passes(gm, [rewrite_masked_adapters], PassContext())
+    assert result.count == 1
+
+    graph = fx.Graph()
+    x, W, A, B, b = _leaves(graph)
+    base = graph.call_function(F.linear, (x, W, b))
+    dropped = graph.call_function(F.dropout, (x, 0.25, True, False))
+    delta = graph.call_function(LORS_OP, (dropped, W, A, B, None, 2.0, "lors", False,
+                                          DEFAULT_CHUNK_BYTES))
+    graph.output(graph.call_function(operator.add, (base, delta)))
+    assert_graphs_equal(gm, fx.GraphModule(root, graph))
 
 
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(map(str, k.values())))
@@ -58,14 +167,13 @@ def test_variant_becomes_one_op_call(kwargs):
 def test_meta_is_copied_and_aot_accepts_the_graph():
     model = Parent(MaskedAdapterLinear(form="s_after_mask"))
     captured = capture(model, X)
-    [linear] = [n for n in captured.gm.graph.nodes if n.target is torch._C._nn.linear]
+    [linear] = [n for n in captured.gm.graph.nodes if n.target is F.linear]
     before = dict(linear.meta)
     run_passes(captured.gm, [rewrite_masked_adapters], captured.ctx)
     [op] = _ops(captured.gm)
     assert op.meta["stack_trace"] == before["stack_trace"]
     assert op.meta["nn_module_stack"] == before["nn_module_stack"]
     assert op.meta["example_value"].shape == before["example_value"].shape == (2, 3, 6)
-    from _graphs import aot_eager
     out = aot_eager(captured.gm, captured.example_inputs)(*captured.example_inputs)
     torch.testing.assert_close(out[0], model(X), rtol=0, atol=1e-10)
 
@@ -81,7 +189,7 @@ def test_numerics_match_eager_through_aot(kwargs, grad_mode, recompute):
     compiled, record = compile_with(model, [rewrite_masked_adapters], config)
     out, grads, g = grads_of(model, compiled, X)
     assert record["results"][0].count == 1
-    expected_op = LORS_OP if recompute else torch.ops.lors.sparse_lora_linear_keep.default
+    expected_op = LORS_OP if recompute else KEEP_OP
     assert [n.target for n in record["gm"].graph.nodes if n.op == "call_function"] == \
         [expected_op] + ([] if recompute else [operator.getitem])
     ref_out, ref_grads, _ = grads_of(model, model, X)  # eager naive form: the exact gradient
@@ -133,7 +241,7 @@ def test_two_product_form_keeps_base_linear_and_uses_delta():
     [result] = run_passes(captured.gm, [rewrite_masked_adapters], captured.ctx)
     assert result.count == 1
     targets = [n.target for n in captured.gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch._C._nn.linear) == 1 and targets.count(LORS_OP) == 1
+    assert targets.count(F.linear) == 1 and targets.count(LORS_OP) == 1
     [op] = _ops(captured.gm)
     assert op.args[1].op == "placeholder" and op.args[4] is None and op.args[7] is False
     assert op.args[0].target is torch.nn.functional.dropout  # the adapter sees dropout(x)

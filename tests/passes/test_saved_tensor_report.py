@@ -1,19 +1,24 @@
 """saved_tensor_report: the rows and byte totals of what a partitioned forward saves for backward.
 
-Before/Expected on real partitions (the naive masked form saves W'; the lors op saves x), plus
-hand-built forward graphs for the bookkeeping: view dedup, kinds, symbolic and unbacked shapes.
+Before/Expected on a hand-built forward graph (the rows written out; the graph unchanged) and on
+real partitions (the naive masked form saves W'; the lors op saves x), plus hand-built graphs for
+the bookkeeping: view dedup, kinds, symbolic and unbacked shapes.
 """
 import pytest
 import torch
 from torch import fx, nn
+# FakeTensorMode has no public import path: the hand-built graphs need fake values in meta["val"].
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from lors_fx import LorsConfig
-from lors_fx._torch_private import min_cut_partition
+from lors_fx.compiler._torch_private import aot_backend, min_cut_partition
 from lors_fx.ops import reference_sparse_lora_linear
 from lors_fx.passes.manager import PassContext
 from lors_fx.passes.saved_tensor_report import saved_tensor_report, tensor_bytes
+from tests.passes._graphs import assert_graphs_equal, eager_compiler
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 D_IN, D_OUT, R, T = 32, 64, 4, 8
 
@@ -42,9 +47,6 @@ class OneSite(nn.Module):
 
 def partition(model: nn.Module, x: torch.Tensor):
     """``(fw_gm, bw_gm, num_fwd_outputs, input_names)`` of one training graph of ``model(x)``."""
-    from torch._dynamo.backends.common import aot_autograd
-    from functorch.compile import make_boxed_func
-
     torch.compiler.reset()
     found = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -57,8 +59,7 @@ def partition(model: nn.Module, x: torch.Tensor):
     def backend(gm, example_inputs):
         found["input_names"] = [("parameter", names[id(t)]) if id(t) in names
                                 else ("input", "x") for t in example_inputs]
-        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward),
-                            partition_fn=partition_fn)(gm, example_inputs)
+        return aot_backend(eager_compiler, partition_fn=partition_fn)(gm, example_inputs)
 
     torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
     return found["fw"], found["bw"], found["n"], found["input_names"]
@@ -138,6 +139,25 @@ def _hand_built_forward(shape_env=None, dims=(4, 8)):
     return fx.GraphModule(nn.Module(), graph)
 
 
+def test_before_expected_rows_of_a_hand_built_forward():
+    gm = _hand_built_forward()
+    ctx = PassContext(extra={"num_fwd_outputs": 1,
+                             "input_names": [("input", "x"), ("parameter", "w")]})
+    result = saved_tensor_report(gm, ctx)
+    row = dict(source=None, dtype="float32", view_of=None)
+    assert result.details["rows"] == [
+        {**row, "name": "relu", "shape": (4, 8), "bytes": 128, "kind": "activation"},
+        {**row, "name": "view", "shape": (32,), "bytes": 128, "kind": "activation",
+         "view_of": "relu"},
+        {**row, "name": "primals_2", "source": "w", "shape": (8,), "bytes": 32,
+         "kind": "parameter"},
+        {**row, "name": "view_1", "source": "x", "shape": (32,), "bytes": 128, "kind": "input",
+         "view_of": "primals_1"},
+    ]
+    assert result.count == 4
+    assert_graphs_equal(gm, _hand_built_forward())  # analysis only: the graph is unchanged
+
+
 def test_views_count_once_and_kinds_follow_the_aliased_tensor():
     gm = _hand_built_forward()
     code = gm.code
@@ -172,7 +192,7 @@ def test_symbolic_shapes_use_size_hints_and_unbacked_ones_are_unknown():
 
     # A dynamic compile: symbolic dims come out as strings, bytes from their hints.
     x = torch.randn(T, D_IN, requires_grad=True)
-    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(x, 0)  # dynamo's documented API for this; no torch.compiler one
     fw_gm, _, n, input_names = partition(OneSite(use_op=True), x)
     result = saved_tensor_report(fw_gm, PassContext(extra={"num_fwd_outputs": n,
                                                             "input_names": input_names}))

@@ -1,4 +1,4 @@
-"""lors_fx.data: document splits never overlap, block shapes, local/embedded loading, Alpaca."""
+"""lors_fx.workflows.data: document splits never overlap, block shapes, local/embedded loading, Alpaca."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from lors_fx import data
-from lors_fx.data import (ByteTokenizer, build_instruction_splits, build_lm_splits,
+from lors_fx.workflows import data
+from lors_fx.workflows.data import (ByteTokenizer, build_instruction_splits, build_lm_splits,
                           calibration_sample, format_alpaca, load_instructions, load_texts,
                           split_documents)
 

@@ -1,11 +1,12 @@
-"""lors_fx.tiny_models: every built-in tiny architecture builds small, runs, and prunes exactly."""
+"""lors_fx.testing.tiny_models: every built-in tiny architecture builds small, runs, and prunes exactly."""
 import pytest
 import torch
 from torch import nn
 
-from lors_fx import tiny_models
-from lors_fx.tiny_models import (TINY_MODELS, build_model, build_tiny, canonical_name,
-                                 linear_weights, prune_, random_batch)
+from lors_fx.testing import tiny_models
+from lors_fx.testing.tiny_models import (TINY_MODELS, build_model, build_tiny, canonical_name,
+                                         linear_weights, prune_, random_batch)
+from lors_fx.workflows.prune import magnitude_prune_
 
 
 def _hidden_and_layers(model):
@@ -64,28 +65,17 @@ def test_prune_unstructured_and_2_4_are_exact_and_skip_lm_head(name):
         assert torch.all((groups == 0).sum(-1) == 2), fqn
 
 
-def test_fallback_pruning_matches_the_counts(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-    refused = []
-
-    def no_prune_module(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "prune" and level == 1 or name == "lors_fx.prune":
-            refused.append(name)
-            raise ImportError("simulated: lors_fx.prune missing")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(builtins, "__import__", no_prune_module)
-    model = build_tiny("tiny-qwen2")
-    result = prune_(model, "50%")
-    assert set(result) == {fqn for fqn, _ in linear_weights(model)}
-    assert all(value == pytest.approx(0.5) for value in result.values())
-    assert refused, "the fallback path was not taken"
-    model = build_tiny("tiny-qwen2")
-    prune_(model, "2:4")
-    for fqn, weight in linear_weights(model):
-        assert torch.all((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) == 2), fqn
+def test_prune_is_the_library_pruner_in_every_spelling():
+    """``"50%"`` (the test helpers' spelling), ``sparsity=0.5`` and ``"2:4"`` prune exactly as
+    :func:`lors_fx.workflows.prune.magnitude_prune_` does, and report the counts."""
+    for pattern, kwargs in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
+        model, reference = build_tiny("tiny-qwen2"), build_tiny("tiny-qwen2")
+        result = prune_(model, pattern)
+        assert result == magnitude_prune_(reference, **kwargs)
+        assert set(result) == {fqn for fqn, _ in linear_weights(model)}
+        assert all(value == pytest.approx(0.5) for value in result.values())
+        for (fqn, weight), (_, expected) in zip(linear_weights(model), linear_weights(reference)):
+            assert torch.equal(weight, expected), fqn
 
 
 def test_build_model_is_the_test_helper_contract():

@@ -1,4 +1,4 @@
-"""lors_fx.evaluate: strided perplexity against hand computations, local lm-eval tasks."""
+"""lors_fx.workflows.evaluate: strided perplexity against hand computations, local lm-eval tasks."""
 import importlib.util
 import json
 import math
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lors_fx.evaluate import (PAPER_TASKS, strided_perplexity, text_perplexity,
+from lors_fx.workflows.evaluate import (PAPER_TASKS, strided_perplexity, text_perplexity,
                               write_local_tasks, zero_shot)
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 
@@ -125,7 +125,7 @@ def test_only_new_targets_count_hand_case():
 
 
 def test_text_perplexity_joins_documents_and_truncates():
-    from lors_fx.data import ByteTokenizer
+    from lors_fx.workflows.data import ByteTokenizer
 
     model = Bigram(vocab=257)
     full = text_perplexity(model, ByteTokenizer(), ["ab", "cd"], max_length=4, stride=2)
@@ -223,7 +223,7 @@ def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
 def test_cli_eval_with_adapters_and_local_tasks(tmp_path, monkeypatch):
     from lors_fx import LorsConfig, cli, optimize, save_adapters
-    from lors_fx.prune import magnitude_prune_
+    from lors_fx.workflows.prune import magnitude_prune_
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = _byte_llama()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_tool():
@@ -24,7 +24,7 @@ def _load_tool():
 dm = _load_tool()
 L7, L70 = dm.MODELS["llama2-7b"], dm.MODELS["llama2-70b"]
 TINY = dm.ModelSpec("tiny-llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-                    vocab=128)  # = lors_fx.tiny_models "tiny-llama"
+                    vocab=128)  # = lors_fx.testing.tiny_models "tiny-llama"
 CASES = [(spec, method, n, seq, ckpt) for spec in (L7, L70) for method in dm.METHODS
          for n in (1, 8, 64) for seq in (2048, 4096) for ckpt in (False, True)]
 
@@ -96,7 +96,7 @@ def test_activation_terms_scale_with_tokens_and_checkpointing():
 def _tiny_block(op, dtype):
     """Saved bytes of the 7 adapted linears of one Llama block, wired as in Llama (q/k/v read
     the attention-norm output, gate/up the MLP-norm output), measured with saved_tensors_hooks."""
-    from lors_fx.bench import saved_bytes
+    from lors_fx.bench.harness import saved_bytes
 
     torch.manual_seed(0)
     tokens, r = 24, 4
@@ -135,7 +135,7 @@ def test_x_term_matches_the_ops_measured_saved_bytes(dtype, e):
 
 
 def test_inspect_meta_totals_match_lors_fx_inspect():
-    from lors_fx.cli_inspect_meta import run_inspection
+    from lors_fx.cli.inspect_meta import run_inspection
 
     result = run_inspection("tiny", "tiny-llama", name="tiny-llama", dtype="bfloat16", batch=2,
                             seq=16, meta=True, progress=False).data

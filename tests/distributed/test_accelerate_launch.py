@@ -24,16 +24,16 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("accelerate")
+pytest.importorskip("accelerate", reason="accelerate is not installed (optional: pip install "
+                                          "'lors-fx[dev]'): these tests run `accelerate launch`")
 
 import lors_fx  # noqa: E402
-from lors_fx.tiny_models import build_model, random_batch  # noqa: E402
+from lors_fx.testing.tiny_models import build_model, random_batch  # noqa: E402
+from tests.distributed._launch import free_port, run_in_session  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tools", "train_accelerate.py")
 CONFIG = os.path.join(REPO, "tools", "accelerate_fsdp2.yaml")
-sys.path.insert(0, os.path.join(REPO, "tests", "dist"))
-from _launch import free_port, run_in_session  # noqa: E402
 
 STEPS, WORLD = 3, 2
 LOGITS_ATOL = 1e-5    # fp32: same math, the FSDP run only all-gathers the weights

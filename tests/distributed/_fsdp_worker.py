@@ -1,7 +1,8 @@
-"""Worker of tests/test_distributed.py: LoRS on a tiny pruned Llama under FSDP2 (gloo, CPU).
+"""Worker of tests/distributed/test_fsdp.py: LoRS on a tiny pruned Llama under FSDP2 (gloo, CPU).
 
 Run by the test as ``python -m torch.distributed.run --nproc_per_node=2 --master_port=P
-tests/dist/_fsdp_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. A scenario is ``ORDER-MODE[-ckpt]``:
+tests/distributed/_fsdp_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. A scenario is
+``ORDER-MODE[-ckpt]``:
 
 - ORDER ``A``: ``optimize`` then :func:`lors_fx.distributed.shard_model`; ``B``: shard first, then
   ``optimize`` attaches the adapters in place and shards them; ``C``: ``optimize`` then plain
@@ -29,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from lors_fx.compiler import compile_state_of
 
 STEPS = 3
 LR = 1e-2
@@ -38,20 +40,20 @@ LOGITS_SEED = 999
 
 def step_batch(rank: int, step: int, world: int):
     """Batch of ``rank`` at step ``step`` (step 0 is the gradient check's)."""
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     return random_batch(2, 16, seed=rank if step == 0 else 100 + step * world + rank)
 
 
 def init_batch(rank: int):
     """This rank's gradient-init batch (``-ginit``)."""
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     return random_batch(2, 16, seed=50 + rank)
 
 
 def base_model():
-    from lors_fx.tiny_models import build_model
+    from lors_fx.testing.tiny_models import build_model
 
     return build_model("llama", "50%", seed=0).double()
 
@@ -132,10 +134,10 @@ def run(scenario: str, out: str, rank: int, world: int) -> None:
         optimizer.zero_grad()
     result["violations"] = effective_weight_violations(model, masks)
     save_adapters(model, os.path.join(folder, "final"))
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
     with torch.no_grad():
         result["logits"] = model(**random_batch(1, 12, seed=LOGITS_SEED)).logits
-    state = model.__dict__.get("_lors_state")
+    state = compile_state_of(model)
     result["fallback"] = None if state is None else state.fallback
     result["graphs"] = 0 if state is None else len(state.graphs)
     result["rewritten"] = sorted({site for record in (state.graphs if state else [])

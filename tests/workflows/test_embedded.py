@@ -1,4 +1,4 @@
-"""lors_fx.embedded: locating the offline SmolLM2 wheel, the cache dir rules, clear errors."""
+"""lors_fx.workflows.embedded: locating the offline SmolLM2 wheel, the cache dir rules, clear errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lors_fx import embedded
-from lors_fx.embedded import (SMOLLM2_PIP, EmbeddedAssetMissing, cache_root, load_model,
+from lors_fx.workflows import embedded
+from lors_fx.workflows.embedded import (SMOLLM2_PIP, EmbeddedAssetMissing, cache_root, load_model,
                               load_smollm2, smollm2_cache_dir, smollm2_gguf_path)
 
 

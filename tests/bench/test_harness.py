@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lors_fx import bench, cli_bench
-from lors_fx.baselines import METHODS
+from lors_fx.bench import harness as bench
 
-ROOT = Path(__file__).resolve().parents[1]
+from lors_fx.cli import bench as cli_bench
+from lors_fx.methods import METHODS, apply_method
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(argv):
@@ -132,3 +134,16 @@ def test_failing_and_unavailable_methods_become_rows(monkeypatch):
     assert rows["sqft"]["status"] == "unavailable: no backend here"
     assert rows["spp"]["status"] == "error: RuntimeError: boom"
     assert rows["sqft"]["step_ms"] is None and rows["lora"]["vs_sqft"] is None
+
+
+def test_flop_formulas_are_given_to_the_counter_only():
+    """The LoRS ops' FLOPs are counted without registering a formula in torch's global table."""
+    from torch.utils.flop_counter import flop_registry
+
+    model, hidden = bench.build_workload("llama_mlp", scale=1 / 64)
+    bench.prune_(model, 0.5)
+    apply_method(model, "lors", r=4)
+    x = torch.randn(1, 8, hidden, requires_grad=True)
+    assert bench._count_flops(model, x) > 0
+    assert torch.ops.lors.sparse_lora_linear not in flop_registry
+    assert torch.ops.aten.addmm_ not in flop_registry

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _toy import assert_unchanged, build_toy_llama, snapshot, sparse_mlp, toy_batches
 from lors_fx import LorsConfig, audit, is_optimized, lors_modules, merge, optimize, snapshot_masks
 from lors_fx.ops import reference_sparse_lora_linear
+from lors_fx.testing.toy import toy_batches
+from tests._toy import assert_unchanged, snapshot, sparse_mlp
 
 
 def _pruned_positions_of_effective_weights(model):
@@ -66,8 +67,8 @@ def test_200_adamw_steps_keep_the_zero_pattern(grad_mode):
 
 
 @pytest.mark.parametrize("grad_mode", ["lors", "exact"])
-def test_tiny_llama_end_to_end_eager(grad_mode):
-    model = build_toy_llama(seed=0)
+def test_tiny_llama_end_to_end_eager(grad_mode, toy_llama):
+    model = toy_llama
     masks = snapshot_masks(model)
     optimize(model, LorsConfig(r=8, lora_alpha=16.0, grad_mode=grad_mode), compile=False)
     assert len(lors_modules(model)) == 14  # 2 layers x 7 projections; lm_head excluded

@@ -1,14 +1,15 @@
-"""lors_fx.train: schedule, accumulation, checkpoints, methods, the HF Trainer recipe, the CLI."""
+"""lors_fx.workflows.train: schedule, accumulation, checkpoints, methods, the HF Trainer recipe, the CLI."""
 import math
 
 import pytest
 import torch
 
 from lors_fx import load_adapter_config, load_adapters, lors_modules, optimize
-from lors_fx.data import TextBlocks
-from lors_fx.train import (TrainConfig, cosine_with_warmup, mean_loss, prepare_model, train)
+from lors_fx.workflows.data import TextBlocks
+from lors_fx.workflows.train import (TrainConfig, cosine_with_warmup, mean_loss, prepare_model, train)
 
-from _toy import build_toy_llama, toy_batches
+from lors_fx.testing.toy import build_toy_llama, toy_batches
+from lors_fx.state import state_of
 
 
 def _blocks(n=16, seq_len=16, seed=0):
@@ -92,7 +93,7 @@ def test_gradient_init_is_the_lors_default_and_keeps_the_output():
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"]).logits
     prepare_model(model, "lors", r=4, init_data=[batch], init_samples=4, progress=False)
-    assert model.lors_config.init == "gradient"
+    assert state_of(model).config.init == "gradient"
     for module in lors_modules(model).values():
         assert torch.count_nonzero(module.lora_B) == 0
         gram = module.lora_A @ module.lora_A.t()  # orthogonal rows of PEFT's norm 1/sqrt(3)
@@ -110,6 +111,20 @@ def test_prepare_model_errors():
         prepare_model(build_toy_llama(), "dora")
     with pytest.raises(ValueError, match="trainable"):
         train(build_toy_llama().requires_grad_(False), _blocks(4), TrainConfig(steps=1))
+
+
+def test_a_failed_gradient_init_leaves_the_model_as_it_was():
+    """prepare_model's gradient init (with its own memory budget) rolls back as optimize does."""
+    model = build_toy_llama(seed=0)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = [type(m) for m in model.modules()]
+    ids = torch.full((1, 8), 10_000)  # outside the vocabulary: the forward fails
+    with pytest.raises(IndexError):
+        prepare_model(model, "lors", r=4, init_data=[{"input_ids": ids, "labels": ids}],
+                      progress=False)
+    assert not lors_modules(model) and state_of(model) is None
+    assert [type(m) for m in model.modules()] == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 @pytest.mark.parametrize("method", ["sqft", "spp", "lora"])
@@ -150,7 +165,7 @@ def test_cli_train_writes_adapters(tmp_path, capsys):
 
     from lors_fx import cli
     # a tiny model directory with a byte-level tokenizer: no hub, fast
-    from test_evaluate import byte_tokenizer
+    from tests.workflows.test_evaluate import byte_tokenizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,

@@ -1,8 +1,8 @@
 """LoRS under FSDP2: two gloo processes on CPU against a single-process float64 reference.
 
-The 2-rank run is tests/dist/_fsdp_worker.py (one launch, nine scenarios: orders A/B/C, eager,
-compiled per block, block checkpointing, bf16 mixed precision, gradient init on the sharded model,
-HSDP on a 2-D mesh). Tolerances: float64 throughout, so losses,
+The 2-rank run is tests/distributed/_fsdp_worker.py (one launch, nine scenarios: orders A/B/C,
+eager, compiled per block, block checkpointing, bf16 mixed precision, gradient init on the sharded
+model, HSDP on a 2-D mesh). Tolerances: float64 throughout, so losses,
 gradients, adapters after 3 AdamW steps and logits must agree to 1e-9 relative (summation order of
 the gradient reduce is the only difference). The zero pattern must be kept exactly.
 """
@@ -11,20 +11,24 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lors_fx import LorsConfig, lors_modules, optimize, restore_adapters
-from lors_fx.compiled_model import compile_model
+from lors_fx.compiler.compiled_model import compile_model
 from lors_fx.distributed import decoder_blocks, is_sharded, shard_model
-from lors_fx.tiny_models import build_model, build_tiny, random_batch
+from lors_fx.testing.tiny_models import build_model, build_tiny, random_batch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "dist"))
-import _fsdp_worker as worker  # noqa: E402
-from _launch import free_port, run_in_session  # noqa: E402
+from lors_fx.compiler import compile_state_of
+from lors_fx.state import state_of
+from tests.distributed import _fsdp_worker as worker
+from tests.distributed._launch import free_port, run_in_session
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 
 SCENARIOS = ("A-eager", "B-eager", "A-compiled", "A-compiled-ckpt", "C-compiled",
              "A-compiled-bf16", "B-eager-ginit", "A-eager-hsdp", "B-eager-hsdp-ginit")
@@ -46,7 +50,7 @@ def launch(script: str, args, world: int = WORLD, timeout: float = 420) -> str:
 def fsdp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fsdp"))
     start = time.perf_counter()
-    launch(os.path.join(HERE, "dist", "_fsdp_worker.py"), [out, *SCENARIOS])
+    launch(str(HERE / "_fsdp_worker.py"), [out, *SCENARIOS])
     print(f"\n2-rank FSDP2 worker: {time.perf_counter() - start:.1f} s")
     return out
 
@@ -161,7 +165,7 @@ def test_fsdp2_compiles_each_block(fsdp_run):
 
 
 def test_merge_from_files_written_under_fsdp2(fsdp_run, tmp_path):
-    from lors_fx.cli import main
+    from lors_fx.cli.main import main
     from transformers import AutoModelForCausalLM
     from lors_fx import snapshot_masks
 
@@ -234,7 +238,7 @@ def test_compile_per_block_matches_eager_in_one_process():
     torch.testing.assert_close(runs["blocks"][0], runs["eager"][0], **TOL)
     for name, grad in runs["eager"][1].items():
         torch.testing.assert_close(runs["blocks"][1][name], grad, **TOL)
-    state = runs["blocks"][2]._lors_state
+    state = compile_state_of(runs["blocks"][2])
     assert state.fallback is None and state.graph_breaks == 0
     # layer 1 recompiles once (dynamo then marks the layer index dynamic); 2 and 3 reuse it
     assert 1 <= len(state.graphs) <= 2 < len(runs["blocks"][2].model.layers)
@@ -251,8 +255,8 @@ def test_compile_per_block_matches_eager_in_one_process():
 def test_train_fsdp_example_then_merge(tmp_path, engine):
     import json
 
-    from lors_fx.cli import main
-    from lors_fx.deepspeed_engine import deepspeed_missing
+    from lors_fx.cli.main import main
+    from lors_fx.distributed.deepspeed import deepspeed_missing
     from transformers import AutoModelForCausalLM
 
     if engine.startswith("deepspeed") and deepspeed_missing():
@@ -260,7 +264,7 @@ def test_train_fsdp_example_then_merge(tmp_path, engine):
     out = tmp_path / "run"
     extra = ["--engine", "deepspeed", "--zero", "3"] if engine != "fsdp2" else \
         ["--compile", "--checkpoint", "block"]
-    launch(os.path.join(os.path.dirname(HERE), "tools", "train_fsdp.py"),
+    launch(str(REPO / "tools" / "train_fsdp.py"),
            ["--out", str(out), "--steps", "2", "--seq", "32", "--lora-r", "4", "--lr", "1e-2",
             *extra])
     summary = json.loads((out / "summary.json").read_text())
@@ -285,14 +289,14 @@ def test_per_block_compile_refuses_what_it_cannot_do_and_changes_nothing():
     optimize(model, LorsConfig(r=4, lora_alpha=8, checkpoint="every:2"), compile=False)
     with pytest.raises(ValueError, match="every:2"):
         compile_model(model, scope="blocks")
-    model.lors_config = LorsConfig(r=4, lora_alpha=8)
+    state_of(model).config = LorsConfig(r=4, lora_alpha=8)
     hook = lambda *args, **kwargs: None  # noqa: E731 - stands for a hook library's wrapper
     model.model.layers[1].forward = hook
     with pytest.raises(TypeError, match="own forward"):
         compile_model(model, scope="blocks")
     assert "forward" not in model.model.layers[0].__dict__  # nothing installed half-way
     assert model.model.layers[1].forward is hook
-    assert "_lors_state" not in model.__dict__
+    assert compile_state_of(model) is None
 
 
 def test_deep_copy_of_a_block_compiled_model_recompiles():
@@ -306,7 +310,7 @@ def test_deep_copy_of_a_block_compiled_model_recompiles():
     clone(**batch).loss.backward()  # the copy runs eagerly
     compile_model(clone, scope="blocks")
     clone(**batch).loss.backward()
-    assert clone._lors_state.fallback is None and clone._lors_state.graphs
+    assert compile_state_of(clone).fallback is None and compile_state_of(clone).graphs
 
 
 def test_zero3_partitions_are_refused_by_save_and_merge(tmp_path):

@@ -1,11 +1,12 @@
-"""Worker of tests/test_deepspeed.py: a tiny pruned Llama with LoRS adapters under DeepSpeed ZeRO.
+"""Worker of tests/distributed/test_deepspeed.py: a tiny pruned Llama with LoRS adapters under
+DeepSpeed ZeRO.
 
 Run by the test with ``python -m torch.distributed.run --nproc_per_node=2 --master_port=P
-tests/dist/_ds_worker.py STAGE OUT_DIR [--compile]``. Each rank:
+tests/distributed/_ds_worker.py STAGE OUT_DIR [--compile]``. Each rank:
 
 1. builds the same model (:func:`build_lors_model`: tiny pruned Llama, float64, LoRS adapters r=4
    with a seeded nonzero ``lora_B``, eager op) and snapshots its masks;
-2. wraps it with :func:`lors_fx.deepspeed_engine.initialize` (ZeRO ``STAGE``);
+2. wraps it with :func:`lors_fx.distributed.deepspeed.initialize` (ZeRO ``STAGE``);
 3. runs one forward/backward on its own batch ``random_batch(seed=rank)``, records the loss and
    the full (averaged) adapter gradients (:func:`full_adapter_grads`), steps;
 4. runs ``STEPS - 1`` more steps, then gathers every weight and checks the zero pattern of the
@@ -19,9 +20,10 @@ tests/dist/_ds_worker.py STAGE OUT_DIR [--compile]``. Each rank:
 worker then records the error of ``initialize`` or of the first step in ``error`` and exits 0.
 (ZeRO-3: ``initialize`` refuses the compiled model; ZeRO-2: one graph, eager gradients.)
 
-The model is float64, which DeepSpeed accepts; its ZeRO-2/3 optimizers keep float32 gradient
-partitions and float32 master weights, so the reduced gradients match a float64 single-process
-run to float32 precision (the forward itself stays float64).
+The model is float64 under ZeRO-2 (its optimizer keeps float32 gradient partitions and master
+weights, so the reduced gradients match a float64 single-process run to float32 precision) and
+float32 under ZeRO-3, whose parameter partitioning (``zero.Init``) accepts only fp32/bf16/fp16
+(:func:`dtype_for`).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from lors_fx.compiler import compile_state_of
 
-DTYPE = torch.float64     # DeepSpeed keeps float64 params (its ZeRO master copy is float32 at most)
+DTYPE = torch.float64     # ZeRO-2 keeps float64 params (its master copy is float32 at most)
 RANK_BATCH, SEQ = 2, 16   # micro batch per rank
 STEPS = 3                 # optimizer steps
 LOGITS_SEED = 100         # the fixed batch whose logits are compared
@@ -44,9 +47,14 @@ LR = 1e-2
 CONFIG = dict(r=4, lora_alpha=8)
 
 
+def dtype_for(stage: int) -> torch.dtype:
+    """The model dtype of a stage: ZeRO-3's ``zero.Init`` asserts fp32/bf16/fp16 parameters."""
+    return torch.float32 if stage == 3 else DTYPE
+
+
 def build_model_plain(dtype=DTYPE):
     """The tiny pruned Llama (seed 0, 50% unstructured) in ``dtype``, without adapters."""
-    from lors_fx.tiny_models import build_model
+    from lors_fx.testing.tiny_models import build_model
 
     return build_model("llama", "50%", seed=0).to(dtype)
 
@@ -69,13 +77,13 @@ def build_lors_model(dtype=DTYPE, compile=False):
 
 def rank_batch(rank: int, step: int = 0):
     """The batch of ``rank`` at optimizer step ``step`` (step 0: ``random_batch(seed=rank)``)."""
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     return random_batch(RANK_BATCH, SEQ, seed=rank + 1000 * step)
 
 
 def logits_batch():
-    from lors_fx.tiny_models import random_batch
+    from lors_fx.testing.tiny_models import random_batch
 
     return random_batch(RANK_BATCH, SEQ, seed=LOGITS_SEED)
 
@@ -109,15 +117,15 @@ def _gathered(params):
 def run(stage: int, out_dir: str, compile: bool) -> dict:
     import deepspeed
     import lors_fx
-    from lors_fx.deepspeed_engine import (full_adapter_grads, initialize,
+    from lors_fx.distributed.deepspeed import (full_adapter_grads, initialize,
                                           save_adapters_deepspeed, zero_config)
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
-    result = {"rank": rank, "world": world, "stage": stage, "dtype": str(DTYPE), "error": None,
+    result = {"rank": rank, "world": world, "stage": stage, "dtype": str(dtype_for(stage)), "error": None,
               "warnings": []}
-    model = build_lors_model(compile=compile)
+    model = build_lors_model(dtype_for(stage), compile=compile)
     masks = lors_fx.snapshot_masks(model)
     config = zero_config(stage, micro_batch_size=RANK_BATCH, lr=LR, clip=0.0)
     with warnings.catch_warnings(record=True) as caught:
@@ -204,7 +212,7 @@ def _watch_weights(model) -> dict:
 
 
 def _compiled_summary(model):
-    state = model.__dict__.get("_lors_state")
+    state = compile_state_of(model)
     if state is None:
         return None
     return {"fallback": getattr(state, "fallback", None),

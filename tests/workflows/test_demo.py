@@ -4,12 +4,13 @@ import json
 import torch
 from torch import nn
 
-from lors_fx import cli, demo
-from lors_fx.baselines import wrapped_modules
-from lors_fx.demo import measure_step, merge_model
-from lors_fx.train import prepare_model
+from lors_fx import cli
+from lors_fx.cli import demo as cli_demo
+from lors_fx.methods import wrapped_modules
+from lors_fx.workflows.demo import measure_step, merge_model
+from lors_fx.workflows.train import prepare_model
 
-from _toy import build_toy_llama, toy_batches
+from lors_fx.testing.toy import build_toy_llama, toy_batches
 
 
 def test_measure_step_lors_uses_less_memory_than_sqft():
@@ -45,8 +46,8 @@ def test_merge_model_keeps_outputs_and_zeros_for_a_baseline():
 def test_failed_merge_check_exits_1(monkeypatch, capsys):
     summary = {"method": "lors", "audit_ok": True, "audit": "audit ok", "ppl_merged": 10.01,
                "ppl_tuned": 10.0, "merge_relative_difference": 1e-3}
-    monkeypatch.setattr(demo, "run_demo", lambda args: summary)
-    monkeypatch.setattr(demo, "format_summary", lambda s: "table")
+    monkeypatch.setattr(cli_demo, "run_demo", lambda args: summary)
+    monkeypatch.setattr(cli_demo, "format_summary", lambda s: "table")
     assert cli.main(["demo", "--steps", "1"]) == 1
     assert "FAILED: merged perplexity" in capsys.readouterr().err
 

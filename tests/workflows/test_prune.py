@@ -1,4 +1,4 @@
-"""lors_fx.prune: exact sparsity/patterns, what is never pruned, and that the calibrated methods
+"""lors_fx.workflows.prune: exact sparsity/patterns, what is never pruned, and that the calibrated methods
 reconstruct a layer's output better than magnitude pruning (tiny random Llama, CPU, seconds)."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lors_fx.prune import (add_prune_arguments, find_blocks, magnitude_prune_, prune_main,
-                           prune_model)
+from lors_fx.cli.prune import add_prune_arguments, prune_main
+from lors_fx.workflows.prune import find_blocks, magnitude_prune_, prune_model
 from lors_fx.sparsity import detect_nm
 
 METHODS = ("magnitude", "wanda", "sparsegpt")

@@ -1,4 +1,4 @@
-"""`lors-fx example` through cli.main and as `python -m lors_fx.cli`: exit codes, output, JSON."""
+"""`lors-fx example` through cli.main and as `python -m lors_fx.cli.main`: exit codes, output, JSON."""
 import json
 import os
 import subprocess
@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from lors_fx import cli, example
+from lors_fx import cli
+
+from lors_fx.cli import example
 
 
 def test_example_runs_and_prints_the_audit(capsys, tmp_path):
@@ -57,7 +59,7 @@ def test_exception_exits_1_with_one_line(monkeypatch, capsys):
 
 def test_module_entry_point_subprocess():
     env = dict(os.environ, TQDM_DISABLE="1")
-    done = subprocess.run([sys.executable, "-m", "lors_fx.cli", "example", "--steps", "2"],
+    done = subprocess.run([sys.executable, "-m", "lors_fx.cli.main", "example", "--steps", "2"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "audit ok" in done.stdout

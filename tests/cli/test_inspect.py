@@ -12,8 +12,10 @@ import sys
 import pytest
 from torch import nn
 
-from lors_fx import cli, cli_inspect
-from lors_fx.tiny_models import build_tiny
+from lors_fx import cli
+
+from lors_fx.cli import inspect as cli_inspect
+from lors_fx.testing.tiny_models import build_tiny
 
 SEQ = "12"  # batch 2 x 12 = 24 tokens: no activation shape collides with a weight shape
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
@@ -204,7 +206,7 @@ def test_pattern_2_4_exact_grad_mode_and_checkpoint(tmp_path):
 
 
 def test_already_sparse_local_directory_is_used_as_it_is(tmp_path):
-    from lors_fx.tiny_models import build_model
+    from lors_fx.testing.tiny_models import build_model
 
     pruned = build_model("qwen2", "2:4")
     pruned.save_pretrained(tmp_path / "pruned-qwen2")
@@ -248,7 +250,7 @@ def test_meta_7b_config_is_theoretical_and_allocates_nothing(tmp_path):
 def test_meta_7b_through_the_module_entry_point(tmp_path):
     path = _write_7b(tmp_path)
     env = dict(os.environ, TQDM_DISABLE="1")
-    done = subprocess.run([sys.executable, "-m", "lors_fx.cli", "inspect", str(path), "--meta",
+    done = subprocess.run([sys.executable, "-m", "lors_fx.cli.main", "inspect", str(path), "--meta",
                            "--show", "summary,sites", "--json", str(tmp_path / "7b.json")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr

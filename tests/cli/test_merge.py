@@ -4,10 +4,8 @@ import json
 import torch
 from torch import nn
 
-from lors_fx import cli, optimize, save_adapters, LorsConfig
-from lors_fx.cli_merge import attach_saved_adapters
-
-from _toy import build_toy_llama
+from lors_fx import LorsConfig, cli, optimize, restore_adapters, save_adapters
+from lors_fx.testing.toy import build_toy_llama
 
 
 def _trained_adapters(model, seed=0):
@@ -24,10 +22,10 @@ def _linear_weights(model):
             if isinstance(m, nn.Linear)}
 
 
-def test_merge_saves_a_plain_sparse_model(tmp_path):
+def test_merge_saves_a_plain_sparse_model(tmp_path, toy_llama):
     from transformers import AutoModelForCausalLM
 
-    base = build_toy_llama(seed=0)
+    base = toy_llama
     base.save_pretrained(tmp_path / "base")
     base_weights = _linear_weights(base)
     optimize(base, LorsConfig(r=4, lora_alpha=8), compile=False)
@@ -72,12 +70,12 @@ def test_merge_refuses_adapters_of_another_base(tmp_path, capsys):
     assert not (tmp_path / "merged").exists()
 
 
-def test_attach_saved_adapters_loads_the_values(tmp_path):
-    model = build_toy_llama(seed=0)
+def test_attach_saved_adapters_loads_the_values(tmp_path, toy_llama):
+    model = toy_llama
     optimize(model, LorsConfig(r=4, init="zeros"), compile=False)
     _trained_adapters(model, seed=3)
     save_adapters(model, str(tmp_path))
-    fresh = attach_saved_adapters(build_toy_llama(seed=0), str(tmp_path))
+    fresh = restore_adapters(build_toy_llama(seed=0), str(tmp_path))
     saved = dict(model.named_parameters())
     for name, param in fresh.named_parameters():
         if "lora_" in name:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from lors_fx.baselines import (METHODS, SPARSITY_PRESERVING, FullSparseFT, LoraLinear,
-                               LorsOpLinear, SppLinear, SqftLinear, apply_method,
-                               install_mask_reapply, randomize_adapters_, set_reference_mode,
-                               trainable_parameters, wrapped_modules)
+from lors_fx.methods import (METHODS, SPARSITY_PRESERVING, FullSparseFT, LoraLinear, LorsOpLinear,
+                             SppLinear, SqftLinear, apply_method, install_mask_reapply,
+                             randomize_adapters_, saved_bytes, set_reference_mode,
+                             trainable_parameters, wrapped_modules)
 
 D_IN, D_OUT, R, ALPHA = 12, 40, 4, 8.0  # d_out=40, 16 SPP rows -> blocks of 3 rows, 14 blocks
 S = ALPHA / R
@@ -188,7 +188,6 @@ def test_apply_method_errors():
 
 
 def test_spp_forms_agree_and_checkpoint_saves_less():
-    from lors_fx.bench import saved_bytes
     x_leaf = torch.randn(16, D_IN, dtype=torch.float64, requires_grad=True)
     outs, saved = {}, {}
     for method in ("spp", "spp_dense", "spp_ckpt"):
@@ -202,7 +201,6 @@ def test_spp_forms_agree_and_checkpoint_saves_less():
 
 
 def test_lors_op_saves_only_x_and_sqft_saves_a_dense_weight():
-    from lors_fx.bench import saved_bytes
     x_leaf = torch.randn(16, D_IN, dtype=torch.float64, requires_grad=True)
     saved = {}
     for method in ("lors", "sqft"):
