@@ -31,9 +31,20 @@ from lors_fx.state import LorsState, clear_state, set_state, state_of
 __all__ = [
     "LorsLinear", "LorsConv1D", "reference_sparse_lora_dropout_form", "find_targets",
     "attach_adapters", "lors_modules", "is_optimized", "merge_adapters", "detach_adapters",
+    "adapter_dtype_for", "non_finite_adapters", "refuse_non_finite_adapters",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype_for(weight_dtype: torch.dtype, adapter_dtype: str = "float32") -> torch.dtype:
+    """The adapters' dtype on a base of ``weight_dtype`` (:attr:`LorsConfig.adapter_dtype`):
+    ``"float32"`` = float32 on a float16/bfloat16 base, else the weight's; ``"weight"`` = the
+    weight's."""
+    if adapter_dtype == "float32" and weight_dtype in _HALF_DTYPES:
+        return torch.float32
+    return weight_dtype
 
 
 def reference_sparse_lora_dropout_form(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -52,7 +63,8 @@ class _LorsMixin:
     """Adapter state and forward shared by :class:`LorsLinear` and :class:`LorsConv1D`."""
 
     def _init_adapter(self, base: nn.Module, r: int, scaling: float, grad_mode: str,
-                      recompute: bool, chunk_bytes: Optional[int], lora_dropout: float) -> None:
+                      recompute: bool, chunk_bytes: Optional[int], lora_dropout: float,
+                      adapter_dtype: str = "float32") -> None:
         # Reuse the base's Parameter objects: module names and state_dict keys stay as they were.
         self.weight, self.bias = base.weight, base.bias
         weight = base.weight
@@ -64,7 +76,7 @@ class _LorsMixin:
         self.chunk_bytes = chunk_bytes
         self.emit_reference = False
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        factory = dict(dtype=weight.dtype, device=weight.device)
+        factory = dict(dtype=adapter_dtype_for(weight.dtype, adapter_dtype), device=weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
         self.reset_adapter()
@@ -127,10 +139,11 @@ class LorsLinear(_LorsMixin, nn.Linear):
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, *, grad_mode: str = "lors",
                  recompute: bool = True, chunk_bytes: Optional[int] = None,
-                 lora_dropout: float = 0.0):
+                 lora_dropout: float = 0.0, adapter_dtype: str = "float32"):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout)
+        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout,
+                           adapter_dtype)
 
     d_in = property(lambda self: self.in_features)
     d_out = property(lambda self: self.out_features)
@@ -150,11 +163,12 @@ class LorsConv1D(_LorsMixin, nn.Module):
 
     def __init__(self, base: nn.Module, r: int, scaling: float, *, grad_mode: str = "lors",
                  recompute: bool = True, chunk_bytes: Optional[int] = None,
-                 lora_dropout: float = 0.0):
+                 lora_dropout: float = 0.0, adapter_dtype: str = "float32"):
         super().__init__()
         self.base_class = type(base)
         self.nx, self.nf = base.weight.shape
-        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout)
+        self._init_adapter(base, r, scaling, grad_mode, recompute, chunk_bytes, lora_dropout,
+                           adapter_dtype)
 
     d_in = property(lambda self: self.nx)
     d_out = property(lambda self: self.nf)
@@ -271,7 +285,8 @@ def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
     targets = find_targets(model, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
-                   chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout)
+                   chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout,
+                   adapter_dtype=config.adapter_dtype)
     for name, module in targets:
         cls = LorsConv1D if is_conv1d(module) else LorsLinear
         replace_module(model, name, cls(module, config.r, config.scaling, **options))
@@ -330,6 +345,26 @@ def detach_adapters(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def non_finite_adapters(model: nn.Module) -> Dict[str, int]:
+    """``{module name: count}`` of NaN/inf entries in each module's ``lora_A``/``lora_B``."""
+    counts = {name: int((~torch.isfinite(m.lora_A)).sum() + (~torch.isfinite(m.lora_B)).sum())
+              for name, m in lors_modules(model).items()}
+    return {name: count for name, count in counts.items() if count}
+
+
+def refuse_non_finite_adapters(model: nn.Module, what: str = "merge") -> None:
+    """Raise ``FloatingPointError`` naming the modules whose adapters hold NaN/inf: merged, they
+    would write non-finite weights (training diverged; merge an earlier checkpoint)."""
+    bad = non_finite_adapters(model)
+    if bad:
+        listed = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:8])
+        more = f", ... ({len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise FloatingPointError(
+            f"{what}: non-finite adapter values (NaN/inf entries) in {listed}{more}; training "
+            f"diverged. Nothing was changed: merge adapters from an earlier checkpoint")
+
+
+@torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold ``W' = W + s*(B@A)*M`` into each adapted weight of an uncompiled model and drop the
     adapters (:func:`lors_fx.merge` is the public form).
@@ -343,6 +378,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     if not modules:
         raise ValueError("merge: model has no LoRS adapters")
     _refuse_sharded(model, "merge")
+    refuse_non_finite_adapters(model)
     for name, module in modules.items():
         merged = build_merged_weight(module.true_weight(), module.lora_A, module.lora_B,
                                      module.scaling)

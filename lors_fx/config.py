@@ -17,6 +17,7 @@ __all__ = ["LorsConfig", "CHECKPOINT_POLICIES", "parse_checkpoint_policy"]
 GRAD_MODES = ("lors", "exact")
 INIT_MODES = ("zeros", "gradient")
 COMPILERS = ("eager", "inductor")
+ADAPTER_DTYPES = ("float32", "weight")
 CHECKPOINT_POLICIES = ("none", "block", "every:<k>", "budget:<bytes>")
 
 _SIZE_SUFFIX = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
@@ -78,6 +79,10 @@ class LorsConfig:
             ``"every:k"`` or ``"budget:<bytes>"``.
         convert_peft: let the compiler rewrite PEFT LoRA on sparse bases to the masked form.
         fw_compiler / bw_compiler: ``"eager"`` or ``"inductor"`` for the compiled path.
+        adapter_dtype: ``"float32"`` (default): float32 adapters on a float16/bfloat16 base (as
+            PEFT's ``autocast_adapter_dtype``: half-precision adapters lose small AdamW updates and
+            overflow), the weight's dtype on a float32/float64 base; ``"weight"``: always the
+            weight's dtype. The op casts adapters to the weight's dtype for the math.
     """
 
     r: int = 16
@@ -97,6 +102,7 @@ class LorsConfig:
     convert_peft: bool = False
     fw_compiler: str = "eager"
     bw_compiler: str = "eager"
+    adapter_dtype: str = "float32"
 
     def __post_init__(self):
         def fail(name, message):
@@ -137,6 +143,8 @@ class LorsConfig:
             fail("init_samples", f"must be a positive int, got {self.init_samples!r}")
         if not (isinstance(self.min_sparsity, (int, float)) and 0.0 < self.min_sparsity < 1.0):
             fail("min_sparsity", f"must be in (0, 1), got {self.min_sparsity!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            fail("adapter_dtype", f"must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         parse_checkpoint_policy(self.checkpoint)
         for name in ("fw_compiler", "bw_compiler"):
             if getattr(self, name) not in COMPILERS:
@@ -164,7 +172,8 @@ class LorsConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LorsConfig":
-        """Build from a dict; unknown keys are an error (they are usually typos)."""
+        """Build from a dict; unknown keys are an error (they are usually typos), missing ones
+        take their defaults (files written before a field existed still load)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -5,9 +5,8 @@ For a frozen weight ``W`` (d_out x d_in) whose zeros are the mask ``M = (W != 0)
 
     W' = W + s * (lora_B @ lora_A) * M          y = x @ W'.T + bias
 
-The forward is exact. The backward never keeps a dense d_out x d_in tensor alive between forward
-and backward when ``recompute=True``: only ``x`` is saved (the parameters are referenced, not
-copied) and ``W'`` is rebuilt for ``grad_x``.
+The forward is exact. With ``recompute=True`` no dense d_out x d_in tensor lives from forward to
+backward: only ``x`` is saved (parameters are referenced) and ``W'`` is rebuilt for ``grad_x``.
 
 Gradient modes
 --------------
@@ -15,8 +14,8 @@ Gradient modes
 
     dlora_B = s * g.T @ (x @ lora_A.T)          dlora_A = s * (g @ lora_B).T @ x
 
-Only skinny products: the cost is that of plain LoRA. The authors' code drops ``s`` from these
-two gradients; we keep it (a constant rescale under Adam; it matters with SGD or weight decay).
+Only skinny products (the cost of plain LoRA). The authors' code drops ``s`` from these two
+gradients; we keep it (a constant rescale under Adam; it matters with SGD or weight decay).
 
 ``"exact"``: the true gradient of the masked product, ``G = g.T @ x``::
 
@@ -26,19 +25,14 @@ computed in row chunks of ``G`` so the dense transient stays under ``chunk_bytes
 
 Building W'
 -----------
-``W'`` is built as ``addmm(W, B, A, alpha=s) * |sign(W)|``: the add of ``W`` rides inside the
-GEMM, and the 0/1 mask in W's dtype is rebuilt from ``W`` (nothing stored, so it survives FSDP
-sharding). The mask is applied in row chunks through one small reused buffer (1 MiB on CPU, so
-the chunk is still in cache when it is used; 64 MiB elsewhere), so building ``W'`` costs one
-weight-sized tensor (``W'`` itself), not two: that was the backward's memory peak. A same-dtype 0/1
-mask beats a bool mask (``masked_fill_``/``where``) and a stored mask; docs/benchmarks.md ("Building
-W'") has the measurements. At a pruned position ``(0 + s*d) * 0`` is a (possibly negative) zero,
-except when ``s*d`` overflows: ``inf * 0`` is NaN, a new "nonzero". So the masked product goes
-through ``nan_to_num_(nan=0)`` (keeping ``+-inf``): one more elementwise pass, far cheaper than a
-bool-mask ``where``. The price: a *kept* entry of ``W'`` that is NaN (only possible when the adapters are
-already non-finite or their product overflows as ``inf - inf``) becomes 0 in the transient ``W'``;
-the adapters' gradients still carry the NaN, so divergence stays visible (GradScaler sees it).
-``merge`` (:func:`build_merged_weight`) uses ``torch.where`` so the stored zeros keep their bits.
+Kept entries of ``W'`` equal ``W + s*(B@A)``, NaN and inf included (a diverged adapter shows in the
+loss); pruned entries are exactly 0 whatever the adapters hold. ``W'`` is ``addmm(W, B, A,
+alpha=s)``, then its pruned entries are zeroed in row chunks through one small reused buffer (1 MiB
+on CPU, so the chunk is still in cache; 64 MiB elsewhere): one weight-sized tensor, not two. The
+mask is read from ``W`` (nothing stored: it survives FSDP sharding). On CPU, when ``r * max|A| *
+max|B| * |s|`` proves ``s*(B@A)`` finite, by ``mul_`` with ``|sign(W)|`` (a same-dtype 0/1 mask: a
+bool ``masked_fill_`` is several times slower there); else (``inf * 0`` is NaN), and always on
+accelerators (no host sync), by ``masked_fill_(W == 0, 0)``. Measurements: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -47,15 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = [
-    "GRAD_MODES",
-    "DEFAULT_CHUNK_BYTES",
-    "sparse_lora_linear",
-    "sparse_lora_delta",
-    "reference_sparse_lora_linear",
-    "build_merged_weight",
-    "masked_update_nonzeros",
-]
+__all__ = ["GRAD_MODES", "DEFAULT_CHUNK_BYTES", "sparse_lora_linear", "sparse_lora_delta",
+           "reference_sparse_lora_linear", "build_merged_weight", "masked_update_nonzeros"]
 
 GRAD_MODES = ("lors", "exact")
 #: Default bound on the dense transient of the exact backward (per adapted linear).
@@ -67,45 +54,70 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # --- Kernels (plain torch, shared by the forward, the backward and merge)
 
 
-def _mask_like(weight: Tensor) -> Tensor:
-    """0/1 mask of ``weight != 0`` in weight's dtype (``|sign(W)|``; NaN-free weights assumed)."""
-    return weight.sign().abs_()
-
-
-#: Row-chunk size of the mask pass: on CPU small enough that a chunk of the mask stays in cache
-#: while it is applied; on accelerators large, so the loop launches few kernels. Either way the
-#: mask never costs a whole weight-sized transient beside W'.
+#: Row-chunk size of the mask pass: on CPU small enough to stay in cache while it is applied; on
+#: accelerators large (few kernel launches). Never a weight-sized transient beside W'.
 _MASK_CHUNK_BYTES = {"cpu": 2**20}
 _MASK_CHUNK_BYTES_DEFAULT = 64 * 2**20
 
 
-def _scrub_(w_eff: Tensor) -> Tensor:
-    # inf * 0 = NaN at a pruned position would be a new nonzero (see module docstring).
-    return w_eff.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+def _product_is_finite(lora_A: Tensor, lora_B: Tensor, scaling: float) -> bool:
+    """True when every entry (and partial sum) of ``s * B @ A`` is provably finite, from
+    ``r * max|A| * max|B| * |s|``; always False off CPU, where reading the maxima back would
+    synchronise the device. NaN or inf in an adapter gives False."""
+    if lora_A.device.type != "cpu":
+        return False
+    if lora_A.numel() == 0 or lora_B.numel() == 0:
+        return True
+    peak = lora_A.detach().abs().amax() * lora_B.detach().abs().amax()
+    return abs(scaling) * lora_A.shape[0] * float(peak) < torch.finfo(lora_A.dtype).max / 2
+
+
+def _row_chunks(weight: Tensor):
+    """Rows per chunk of the mask pass and the ``(start, stop)`` of each chunk."""
+    chunk_bytes = _MASK_CHUNK_BYTES.get(weight.device.type, _MASK_CHUNK_BYTES_DEFAULT)
+    rows = _chunk_rows(*weight.shape, weight.element_size(), chunk_bytes, buffers=1)
+    return rows, [(i, min(weight.shape[0], i + rows)) for i in range(0, weight.shape[0], rows)]
 
 
 def _apply_mask_(w_eff: Tensor, weight: Tensor) -> Tensor:
-    """``w_eff *= |sign(weight)|`` in row chunks through one small reused buffer."""
-    d_out, d_in = weight.shape
-    chunk_bytes = _MASK_CHUNK_BYTES.get(weight.device.type, _MASK_CHUNK_BYTES_DEFAULT)
-    rows = _chunk_rows(d_out, d_in, weight.element_size(), chunk_bytes, buffers=1)
-    if rows >= d_out:
-        return _scrub_(w_eff.mul_(_mask_like(weight)))
-    buffer = weight.new_empty((rows, d_in))
-    for start in range(0, d_out, rows):
-        stop = min(d_out, start + rows)
+    """``w_eff *= |sign(weight)|`` in row chunks through one small reused buffer: exact only when
+    ``w_eff`` is finite at the pruned positions (``inf * 0`` is NaN)."""
+    rows, chunks = _row_chunks(weight)
+    buffer = weight.new_empty((rows, weight.shape[1]))
+    for start, stop in chunks:
         mask = torch.sign(weight[start:stop], out=buffer[: stop - start]).abs_()
-        _scrub_(w_eff[start:stop].mul_(mask))
+        w_eff[start:stop].mul_(mask)
+    return w_eff
+
+
+def _zero_pruned_(w_eff: Tensor, weight: Tensor) -> Tensor:
+    """``w_eff[weight == 0] = 0`` in row chunks; kept entries untouched, NaN and inf included."""
+    rows, chunks = _row_chunks(weight)
+    buffer = torch.empty((rows, weight.shape[1]), dtype=torch.bool, device=weight.device)
+    for start, stop in chunks:
+        pruned = torch.eq(weight[start:stop], 0, out=buffer[: stop - start])
+        w_eff[start:stop].masked_fill_(pruned, 0)
     return w_eff
 
 
 def _effective_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                      include_base: bool, mask: Optional[Tensor] = None) -> Tensor:
+                      include_base: bool) -> Tensor:
     """``W' = W + s*(B@A)*M`` (or ``s*(B@A)*M`` without the base); a fresh tensor."""
     w_eff = torch.addmm(weight, lora_B, lora_A, beta=1.0 if include_base else 0.0, alpha=scaling)
-    if mask is None:
+    if _product_is_finite(lora_A, lora_B, scaling):
         return _apply_mask_(w_eff, weight)
-    return _scrub_(w_eff.mul_(mask))
+    return _zero_pruned_(w_eff, weight)
+
+
+# W' rebuilt in backward: an op, so that tracing the backward (aot_autograd) keeps it opaque; the
+# finiteness check reads the adapters' values, which a traced graph cannot branch on.
+@torch.library.custom_op("lors::masked_weight", mutates_args=())
+def _masked_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                   include_base: bool) -> Tensor:
+    return _effective_weight(weight, lora_A, lora_B, scaling, include_base)
+
+
+_masked_weight.register_fake(lambda weight, *args: weight.new_empty(weight.shape))
 
 
 def _linear(x: Tensor, w_eff: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -121,8 +133,7 @@ def _linear(x: Tensor, w_eff: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _compute_dtype_params(weight: Tensor, lora_A: Tensor, lora_B: Tensor):
-    dtype = weight.dtype
-    return lora_A.to(dtype), lora_B.to(dtype)
+    return lora_A.to(weight.dtype), lora_B.to(weight.dtype)
 
 
 def _forward(x, weight, lora_A, lora_B, bias, scaling, include_base):
@@ -156,7 +167,7 @@ def _backward(ctx, grad_y: Tensor, w_eff: Optional[Tensor]):
             grad_A = torch.mm((g2d @ B).t(), x2d).mul_(s)
         if need_x:
             if w_eff is None:
-                w_eff = _effective_weight(weight, A, B, s, ctx.include_base)
+                w_eff = torch.ops.lors.masked_weight.default(weight, A, B, s, ctx.include_base)
             grad_x = g2d @ w_eff
     else:  # exact: masked dense gradient in row chunks
         rows = _chunk_rows(d_out, d_in, weight.element_size(), ctx.chunk_bytes, buffers=2)
@@ -166,15 +177,15 @@ def _backward(ctx, grad_y: Tensor, w_eff: Optional[Tensor]):
         for start in range(0, d_out, rows):
             stop = min(d_out, start + rows)
             g_chunk = g2d[:, start:stop]
-            mask = _mask_like(weight[start:stop])
             if need_x:
                 if w_eff is None:
-                    w_chunk = _effective_weight(weight[start:stop], A, B[start:stop], s,
-                                                ctx.include_base, mask)
+                    w_chunk = torch.ops.lors.masked_weight.default(
+                        weight[start:stop], A, B[start:stop], s, ctx.include_base)
                 else:
                     w_chunk = w_eff[start:stop]
                 grad_x.addmm_(g_chunk, w_chunk)
                 del w_chunk
+            mask = weight[start:stop].sign().abs_()  # 0/1 in weight's dtype
             masked_grad = torch.mm(g_chunk.t(), x2d).mul_(mask)  # (G * M) rows
             del mask
             if need_B:
@@ -187,12 +198,9 @@ def _backward(ctx, grad_y: Tensor, w_eff: Optional[Tensor]):
         if need_A:
             grad_A.mul_(s)
 
-    if grad_x is not None:
-        grad_x = grad_x.reshape(x.shape)
-    if grad_A is not None:
-        grad_A = grad_A.to(lora_A.dtype)
-    if grad_B is not None:
-        grad_B = grad_B.to(lora_B.dtype)
+    grad_x = None if grad_x is None else grad_x.reshape(x.shape)
+    grad_A = None if grad_A is None else grad_A.to(lora_A.dtype)
+    grad_B = None if grad_B is None else grad_B.to(lora_B.dtype)
     return grad_x, None, grad_A, grad_B, grad_bias
 
 
@@ -211,9 +219,7 @@ def _op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optiona
     return _forward(x, weight, lora_A, lora_B, bias, scaling, include_base)[0]
 
 
-@_op.register_fake
-def _op_fake(x, weight, lora_A, lora_B, bias, scaling, grad_mode, include_base, chunk_bytes):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+_op.register_fake(lambda x, weight, *args: x.new_empty((*x.shape[:-1], weight.shape[0])))
 
 
 def _op_setup(ctx, inputs, output):
@@ -232,13 +238,11 @@ _op.register_autograd(_op_backward, setup_context=_op_setup)
 def _op_keep(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
              scaling: float, grad_mode: str, include_base: bool,
              chunk_bytes: int) -> tuple[Tensor, Tensor]:
-    y, w_eff = _forward(x, weight, lora_A, lora_B, bias, scaling, include_base)
-    return y, w_eff
+    return _forward(x, weight, lora_A, lora_B, bias, scaling, include_base)
 
 
-@_op_keep.register_fake
-def _op_keep_fake(x, weight, lora_A, lora_B, bias, scaling, grad_mode, include_base, chunk_bytes):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), weight.new_empty(weight.shape)
+_op_keep.register_fake(lambda x, weight, *args: (x.new_empty((*x.shape[:-1], weight.shape[0])),
+                                                  weight.new_empty(weight.shape)))
 
 
 def _op_keep_setup(ctx, inputs, output):
@@ -284,12 +288,10 @@ def _check_inputs(x, weight, lora_A, lora_B, bias, grad_mode, chunk_bytes, what)
                          f"{tuple(lora_B.shape)}")
     if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"{what}: bias must have shape ({d_out},), got {tuple(bias.shape)}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"{what}: bias is {bias.dtype} but weight is {weight.dtype}; cast bias (or "
-                        "run under torch.autocast)")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{what}: x is {x.dtype} but weight is {weight.dtype}; cast x (or run under "
-                        "torch.autocast)")
+    for name, t in (("bias", bias), ("x", x)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{what}: {name} is {t.dtype} but weight is {weight.dtype}; cast "
+                            f"{name} (or run under torch.autocast)")
     if weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"{what}: the base weight must be frozen (weight.requires_grad=False): "
                            "LoRS trains only lora_A/lora_B; a gradient for weight is not supported")
@@ -334,8 +336,8 @@ def sparse_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
         chunk_bytes: bound on the exact backward's dense transient (default 64 MiB). The chunk is
             at least one weight row, so a bound below two rows' bytes is exceeded (rounded up).
 
-    Returns:
-        ``y`` of shape ``(..., d_out)``.
+    Returns ``y`` of shape ``(..., d_out)``; kept entries of ``W'`` follow the adapters, NaN
+    included, pruned ones are 0 whatever they hold.
     """
     return _call(x, weight, lora_A, lora_B, bias, scaling, grad_mode, recompute, chunk_bytes,
                  True, "sparse_lora_linear")
@@ -360,7 +362,8 @@ def reference_sparse_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora
     """The naive masked-adapter form in plain torch (SQFT-style; autograd keeps W' alive).
 
     This is the pattern the ``rewrite_masked_adapters`` pass matches, and the float64 reference the
-    tests compare against (its autograd gradient is the ``"exact"`` gradient).
+    tests compare against (its autograd gradient is the ``"exact"`` gradient). With non-finite
+    adapters it also puts NaN at pruned positions (``inf * False``), where the op keeps 0.
     """
     mask = weight != 0
     w_eff = weight + scaling * (lora_B @ lora_A) * mask
@@ -370,12 +373,9 @@ def reference_sparse_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora
 @torch.no_grad()
 def build_merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``W + s*(B@A)*M`` computed in float32 (float64 for a float64 weight) and cast back, keeping
-    the zero pattern bit for bit.
-
-    Pruned positions keep their stored bits (``torch.where``); a kept weight that the update (or
-    the cast back) turns into exactly zero gets the smallest normal value (``finfo.tiny``) of its
-    sign, so the mask read back from ``W != 0`` is unchanged.
-    """
+    the zero pattern bit for bit: pruned positions keep their stored bits (``torch.where``); a kept
+    weight that the update (or the cast back) makes exactly 0 gets weight's dtype's smallest normal
+    (``finfo.tiny``) with the sign of the wide result (of W where that is 0)."""
     mask = weight != 0
     compute_dtype = torch.promote_types(weight.dtype, torch.float32)
     w_wide = weight.to(compute_dtype)
@@ -384,10 +384,10 @@ def build_merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling:
     merged = merged_wide.to(weight.dtype)
     vanished = mask & (merged == 0)
     if vanished.any():
-        tiny = torch.finfo(weight.dtype).tiny
-        # Sign of the exact update; where that is itself 0, the sign of the original weight.
-        sign = torch.where(merged_wide < 0, -1.0, torch.where(w_wide < 0, -1.0, 1.0))
-        merged = torch.where(vanished, (sign * tiny).to(weight.dtype), merged)
+        # built in weight's dtype: float64's tiny underflows to 0 in float32
+        sign_source = torch.where(merged_wide != 0, merged_wide, w_wide).to(weight.dtype)
+        tiny = torch.full_like(merged, torch.finfo(weight.dtype).tiny).copysign_(sign_source)
+        merged = torch.where(vanished, tiny, merged)
     return torch.where(mask, merged, weight)
 
 

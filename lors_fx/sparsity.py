@@ -129,21 +129,24 @@ def snapshot_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 class SparsityViolation(AssertionError):
-    """Raised by :func:`audit` (``raise_on_violation=True``) when a pruned weight became nonzero."""
+    """Raised by :func:`audit` (``raise_on_violation=True``) when a pruned weight became nonzero
+    (or a weight is NaN/inf)."""
 
 
 @dataclass
 class AuditResult:
-    """What :func:`audit` found. ``ok`` is True when no pruned position became nonzero."""
+    """What :func:`audit` found. ``ok`` is True when no pruned position became nonzero, every
+    reference module is present and every weight is finite."""
 
     checked: int = 0
     new_nonzeros: Dict[str, int] = field(default_factory=dict)
     lost_nonzeros: Dict[str, int] = field(default_factory=dict)
     missing: List[str] = field(default_factory=list)
+    non_finite: Dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.new_nonzeros and not self.missing
+        return not self.new_nonzeros and not self.missing and not self.non_finite
 
     def __bool__(self) -> bool:
         return self.ok
@@ -154,6 +157,8 @@ class AuditResult:
             tail = f" ({lost} kept weights are now exactly 0)" if lost else ""
             return f"audit ok: {self.checked} weights, no pruned position became nonzero{tail}"
         parts = [f"{name}: {count} new nonzeros" for name, count in self.new_nonzeros.items()]
+        parts += [f"{name}: {count} non-finite (NaN/inf) weights"
+                  for name, count in self.non_finite.items()]
         parts += [f"{name}: missing" for name in self.missing]
         return "audit FAILED: " + "; ".join(parts)
 
@@ -169,8 +174,9 @@ def audit(model: nn.Module, reference, *, raise_on_violation: bool = False) -> A
 
     Returns:
         An :class:`AuditResult`; ``new_nonzeros`` counts per module the pruned positions that are
-        now nonzero (NaN counts as nonzero), ``lost_nonzeros`` the kept positions now exactly 0
-        (allowed, but reported).
+        now nonzero (NaN counts as nonzero), ``non_finite`` the NaN/inf weights anywhere (a
+        diverged run: a failure), ``lost_nonzeros`` the kept positions now exactly 0 (allowed,
+        but reported).
     """
     masks = reference if isinstance(reference, dict) else snapshot_masks(reference)
     current = dict(_linear_weights(model))
@@ -191,6 +197,9 @@ def audit(model: nn.Module, reference, *, raise_on_violation: bool = False) -> A
             result.new_nonzeros[name] = new
         if lost:
             result.lost_nonzeros[name] = lost
+        non_finite = int((~torch.isfinite(weight.detach())).sum().item())
+        if non_finite:
+            result.non_finite[name] = non_finite
     if raise_on_violation and not result.ok:
         raise SparsityViolation(result.summary())
     return result

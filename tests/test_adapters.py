@@ -2,6 +2,7 @@
 reference (Linear and GPT-2 Conv1D, dropout), merge (outputs, bit-exact zero pattern), save/load."""
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -314,3 +315,52 @@ def test_restore_adapters_of_a_gradient_init_run_needs_no_data(tmp_path):
     with pytest.raises(ValueError, match="unknown target module"):
         restore_adapters(other, str(tmp_path))
     assert not lors_modules(other)  # a failed restore leaves the model as it was
+
+
+@pytest.mark.parametrize("weight_dtype,option,expected", [
+    (torch.float16, "float32", torch.float32),
+    (torch.bfloat16, "float32", torch.float32),
+    (torch.float32, "float32", torch.float32),
+    (torch.float64, "float32", torch.float64),  # never narrower than the weight
+    (torch.float16, "weight", torch.float16),
+    (torch.bfloat16, "weight", torch.bfloat16),
+    (torch.float64, "weight", torch.float64),
+])
+def test_adapter_dtype(weight_dtype, option, expected):
+    """float32 adapters on half-precision bases by default (PEFT's autocast_adapter_dtype);
+    ``adapter_dtype="weight"`` keeps the weight's dtype. Gradients come back in the adapters'
+    dtype; the base stays as it was."""
+    model = sparse_mlp(sizes=(16, 24, 8), dtype=weight_dtype)
+    attach_adapters(model, LorsConfig(r=2, adapter_dtype=option))
+    for module in lors_modules(model).values():
+        assert module.lora_A.dtype == module.lora_B.dtype == expected
+        assert module.weight.dtype == weight_dtype
+    model(torch.randn(3, 16, dtype=weight_dtype)).float().sum().backward()
+    for module in lors_modules(model).values():
+        assert module.lora_A.grad.dtype == module.lora_B.grad.dtype == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_llama_trains_adamw_steps_without_nan(dtype):
+    """A float16 (bfloat16) tiny Llama with default adapters trains 6 AdamW steps: finite losses
+    and adapters, the loss goes down. float16 adapters made NaN entries in one step (AdamW's
+    eps=1e-8 is 0 in float16)."""
+    from lors_fx import optimize
+    from lors_fx.testing.toy import toy_batches
+
+    model = build_toy_llama(seed=0).to(dtype)
+    optimize(model, LorsConfig(r=4), compile=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = toy_batches(1, batch_size=4, seq_len=16, seed=3)[0]
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in params)
+        optimizer.step()
+        losses.append(loss.item())
+        assert all(bool(torch.isfinite(p).all()) for p in params), f"NaN after {len(losses)}"
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses

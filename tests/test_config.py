@@ -50,6 +50,8 @@ from lors_fx.config import LorsConfig, parse_checkpoint_policy
     (dict(recompute="yes"), "recompute"),
     (dict(convert_peft=None), "convert_peft"),
     (dict(init_mask_gradient=0), "init_mask_gradient"),
+    (dict(adapter_dtype="float16"), "adapter_dtype"),
+    (dict(adapter_dtype=None), "adapter_dtype"),
 ])
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^LorsConfig\.{field}: "):
@@ -83,8 +85,9 @@ def test_json_round_trip(tmp_path):
                         grad_mode="exact", recompute=False, chunk_bytes=2**20, init="gradient",
                         init_samples=8, init_mask_gradient=True, min_sparsity=0.4,
                         checkpoint="budget:512MiB", convert_peft=True, fw_compiler="inductor",
-                        bw_compiler="inductor")
+                        bw_compiler="inductor", adapter_dtype="weight")
     text = config.to_json()
+    assert json.loads(text)["adapter_dtype"] == "weight"
     assert json.loads(text)["target_modules"] == ["q_proj", "down_proj"]
     assert LorsConfig.from_json(text) == config
     path = tmp_path / "lors.json"
@@ -93,6 +96,16 @@ def test_json_round_trip(tmp_path):
     assert LorsConfig.from_dict(config.to_dict()) == config
     regex = LorsConfig(target_modules=r"layers\.\d+\.mlp\..*")
     assert LorsConfig.from_json(regex.to_json()) == regex
+
+
+def test_adapter_dtype_default_and_files_written_before_it_existed():
+    """float32 adapters by default (PEFT's autocast_adapter_dtype); a saved config without the
+    field (an adapter_config.json from before it existed) loads with that default."""
+    assert LorsConfig().adapter_dtype == "float32"
+    old = LorsConfig(r=4, adapter_dtype="weight").to_dict()
+    del old["adapter_dtype"]
+    assert LorsConfig.from_dict(old) == LorsConfig(r=4)
+    assert LorsConfig.from_json(json.dumps(old)).adapter_dtype == "float32"
 
 
 def test_from_dict_rejects_unknown_keys():

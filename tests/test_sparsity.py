@@ -160,6 +160,7 @@ def test_audit_unchanged_model_passes():
         assert result.ok and bool(result)
         assert result.checked == 3
         assert result.new_nonzeros == {} and result.lost_nonzeros == {} and result.missing == []
+        assert result.non_finite == {}
         assert "audit ok" in result.summary()
 
 
@@ -176,11 +177,32 @@ def test_audit_detects_new_nonzeros_and_nan(use_snapshot):
     result = audit(model, reference)
     assert not result.ok and not bool(result)
     assert result.new_nonzeros == {"0": 2, "2": 1}
+    assert result.non_finite == {"0": 1}
     assert result.lost_nonzeros == {"3": 1}
     assert "0: 2 new nonzeros" in result.summary() and "FAILED" in result.summary()
     with pytest.raises(SparsityViolation, match="2 new nonzeros"):
         audit(model, reference, raise_on_violation=True)
     assert issubclass(SparsityViolation, AssertionError)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_audit_reports_non_finite_kept_weights(value):
+    """A NaN/inf at a *kept* position (what merging a diverged run writes) fails the audit: no
+    pruned position changed, yet the model is broken."""
+    model = small_model()
+    reference = snapshot_masks(model)
+    kept = (model[2].weight != 0).nonzero()
+    with torch.no_grad():
+        model[2].weight[tuple(kept[0])] = value
+        model[2].weight[tuple(kept[1])] = value
+    result = audit(model, reference)
+    assert result.new_nonzeros == {} and result.missing == []
+    assert result.non_finite == {"2": 2}
+    assert not result.ok and not bool(result)
+    assert "2: 2 non-finite (NaN/inf) weights" in result.summary()
+    assert "FAILED" in result.summary()
+    with pytest.raises(SparsityViolation, match="non-finite"):
+        audit(model, reference, raise_on_violation=True)
 
 
 def test_audit_negative_zero_is_still_pruned():

@@ -156,7 +156,8 @@ def attach_sharded(model: nn.Module, config: LorsConfig) -> List[str]:
         owners[owner_name] = owner
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
-                   chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout)
+                   chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout,
+                   adapter_dtype=config.adapter_dtype)
     for _, module in targets:
         module.__class__ = LorsLinear  # in place: FSDP2 keeps a reference to this object
         module._init_adapter(module, config.r, config.scaling, **options)
