@@ -17,7 +17,7 @@ from torch import nn
 
 from lors_fx._collectives import is_sharded
 from lors_fx.adapters import (attach_adapters, detach_adapters, is_optimized, lors_modules,
-                              merge_adapters)
+                              merge_adapters, refuse_non_finite_adapters)
 from lors_fx.compiler import compile_model, decompile_model, is_compiled
 from lors_fx.config import LorsConfig
 from lors_fx.distributed.fsdp import attach_sharded
@@ -88,8 +88,11 @@ def merge(model: nn.Module) -> nn.Module:
     :func:`lors_fx.ops.build_merged_weight` (float32, cast back; the zero pattern is kept bit for
     bit and no kept weight becomes 0). The weight Parameters are updated in place and handed to
     plain ``nn.Linear`` / ``Conv1D`` modules; ``requires_grad`` flags are restored to what they
-    were before the adapters were attached.
+    were before the adapters were attached. Adapters holding NaN/inf (a diverged run) are refused
+    with ``FloatingPointError`` naming the modules, before anything changes.
     """
+    if not is_sharded(model):  # a sharded model is refused by merge_adapters
+        refuse_non_finite_adapters(model)  # before decompiling: a refused merge changes nothing
     if is_optimized(model) and is_compiled(model):
         decompile_model(model)
     return merge_adapters(model)
@@ -107,10 +110,16 @@ def restore_adapters(model: nn.Module, path: str, *, compile: bool = False) -> n
 
     :func:`lors_fx.load_adapter_config` + :func:`optimize` (with ``init="zeros"``: the saved
     values replace any init, so adapters trained with gradient init need no data here) +
-    :func:`lors_fx.load_adapters`. Raises if the model's modules do not match the file; returns
-    ``model``.
+    :func:`lors_fx.load_adapters`. Raises if the model's modules, or its zero pattern (the saved
+    mask fingerprint), do not match the file, or if a file is unreadable (the error names it);
+    any failure leaves ``model`` as it was (adapters removed again), so a retry starts clean.
+    Returns ``model``.
     """
     config = dataclasses.replace(load_adapter_config(path), init="zeros")
     optimize(model, config, compile=compile)
-    load_adapters(model, path)
+    try:
+        load_adapters(model, path)
+    except BaseException:
+        remove_adapters(model)
+        raise
     return model

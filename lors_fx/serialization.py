@@ -2,13 +2,24 @@
 
 Keys read like PEFT's (``base_model.model.<module>.lora_A.weight``), so the files can be inspected
 with the usual tools. Only safetensors is read: pickle files are refused (they can run code).
+
+Adapters only make sense on the zero pattern they were trained on, so :func:`save_adapters` also
+records a fingerprint of each adapted base weight's mask (:func:`mask_fingerprint`: a hash of the
+packed ``W != 0`` bits per module, and one digest for the model) and :func:`load_adapters` refuses a
+base whose pattern differs (another pruning of the same model). The fingerprint lives in the
+safetensors header's metadata (key ``lors_mask_fingerprint``), not in ``adapter_config.json``: older
+lors_fx reads that JSON into a :class:`LorsConfig`, which rejects unknown keys, and every reader
+ignores the header metadata, so files with a fingerprint still load everywhere. Files without one
+(written before it existed) load with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from typing import List, Tuple
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,22 +30,75 @@ from lors_fx.adapters import lors_modules
 from lors_fx.config import LorsConfig
 from lors_fx.state import state_of
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "save_adapters", "load_adapters",
-           "load_adapter_config"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "FINGERPRINT_KEY", "save_adapters",
+           "load_adapters", "load_adapter_config", "mask_fingerprint", "read_mask_fingerprint"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _KEY_PREFIX = "base_model.model."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: safetensors metadata key of the mask fingerprint (a JSON string)
+FINGERPRINT_KEY = "lors_mask_fingerprint"
+_FINGERPRINT_ALGORITHM = "sha256-packbits-rows-v1"
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order: first element = high bit
+
+
+def _module_digest(weight: torch.Tensor) -> str:
+    """sha256 (first 16 bytes, hex) of ``weight``'s shape and its ``!= 0`` bits packed 8 to a byte
+    along each row (rows padded to whole bytes), as stored (Conv1D: ``(d_in, d_out)``)."""
+    mask = full_tensor(weight.detach() != 0)  # DTensor shard: one module's mask is gathered
+    mask = mask.reshape(mask.shape[0] if mask.dim() > 1 else 1, -1).to(torch.uint8)
+    mask = torch.nn.functional.pad(mask, (0, (-mask.shape[1]) % 8))
+    bits = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    packed = (mask.reshape(mask.shape[0], -1, 8) * bits).sum(-1, dtype=torch.uint8)
+    digest = hashlib.sha256(repr(tuple(weight.shape)).encode())
+    digest.update(packed.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def mask_fingerprint(model: nn.Module) -> Optional[dict]:
+    """Fingerprint of the zero pattern under ``model``'s adapters: ``{"algorithm", "modules":
+    {name: hex}, "digest": hex}`` (``digest`` covers every module's name and hash), or ``None``
+    when a base weight is a ZeRO-3 partition (not gathered here). On an FSDP2-sharded model it is
+    a collective (each module's mask is all-gathered in turn): every rank must call it."""
+    modules = lors_modules(model)
+    if any(hasattr(m.weight, "ds_id") and m.weight.numel() == 0 for m in modules.values()):
+        return None
+    hashes = {name: _module_digest(module.weight) for name, module in modules.items()}
+    whole = hashlib.sha256("".join(f"{n}={h}\n" for n, h in sorted(hashes.items())).encode())
+    return {"algorithm": _FINGERPRINT_ALGORITHM, "modules": hashes, "digest": whole.hexdigest()}
+
+
+def read_mask_fingerprint(path: str) -> Optional[dict]:
+    """The fingerprint saved with the adapters at ``path`` (directory or ``.safetensors`` file),
+    or ``None`` for files written before fingerprints existed."""
+    weights, _ = _resolve_files(path)
+    return _parse_fingerprint(_read_weights(weights, "read_mask_fingerprint")[1], weights)
+
+
+def _parse_fingerprint(metadata: Dict[str, str], weights: str) -> Optional[dict]:
+    if FINGERPRINT_KEY not in metadata:
+        return None
+    try:
+        fingerprint = json.loads(metadata[FINGERPRINT_KEY])
+    except ValueError as error:
+        raise ValueError(f"{weights}: the {FINGERPRINT_KEY} metadata is not valid JSON "
+                         f"({error})") from error
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("modules"), dict):
+        raise ValueError(f"{weights}: the {FINGERPRINT_KEY} metadata has no 'modules' mapping")
+    return fingerprint
 
 
 def save_adapters(model: nn.Module, path: str) -> List[str]:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (PEFT layout).
 
     Returns the list of adapted module names written (also the JSON's ``target_modules``).
-    On a model sharded with FSDP2 (:func:`lors_fx.distributed.shard_model`) every rank must call
-    it: the adapter shards are all-gathered (only the adapters, never the base) and rank 0 of the
-    default process group writes the files; the other ranks write nothing.
+    The header metadata also holds the base's :func:`mask_fingerprint`, which
+    :func:`load_adapters` checks. On a model sharded with FSDP2
+    (:func:`lors_fx.distributed.shard_model`) every rank must call it: the adapter shards are
+    all-gathered (of the base, only each module's ``W != 0`` mask, one module at a time, for the
+    fingerprint) and rank 0 of the default process group writes the files; the other ranks write
+    nothing. Under ZeRO-3 (base weights partitioned) no fingerprint is written.
     """
     from safetensors.torch import save_file
 
@@ -56,6 +120,7 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
                                  f"save_adapters_deepspeed(engine, path)")
             gathered = gathered or hasattr(param, "full_tensor")
             tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = full_tensor(param).detach().to("cpu").contiguous()
+    fingerprint = mask_fingerprint(model)  # a collective on a sharded model, like the gather
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
         if gathered:  # every rank is here: return once rank 0 has written the files
@@ -65,7 +130,10 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     meta.update(peft_type="LORS", target_modules=list(modules), lors_fx_version=__version__,
                 scaling=config.scaling)
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if fingerprint is not None:
+        metadata[FINGERPRINT_KEY] = json.dumps(fingerprint, sort_keys=True)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata=metadata)
     with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -95,35 +163,47 @@ def _resolve_files(path: str) -> Tuple[str, str]:
     return weights, config_path
 
 
+def _read_json(path: str, who: str) -> dict:
+    """``path``'s JSON object; a file that is not one is an error that names it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{who}: {path} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{who}: {path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _read_weights(path: str, who: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Every tensor and the header metadata of the safetensors file ``path`` (errors name it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return ({key: handle.get_tensor(key) for key in handle.keys()},
+                    handle.metadata() or {})
+    except Exception as error:  # SafetensorError (truncated, garbage), OSError
+        raise ValueError(f"{who}: {path} is not a readable safetensors file (truncated or not "
+                         f"safetensors?): {type(error).__name__}: {error}") from error
+
+
 def load_adapter_config(path: str) -> LorsConfig:
     """The :class:`LorsConfig` saved by :func:`save_adapters` (``target_modules`` = the exact
     adapted names), to rebuild the same adapters on a fresh model before :func:`load_adapters`."""
     _, config_path = _resolve_files(path)
-    with open(config_path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    saved = _read_json(config_path, "load_adapter_config")
     for key in ("peft_type", "lors_fx_version", "scaling"):
         saved.pop(key, None)
-    return LorsConfig.from_dict(saved)
+    try:
+        return LorsConfig.from_dict(saved)
+    except (TypeError, ValueError) as error:  # the same kind of error, with the file's name
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"load_adapter_config: {config_path}: {error}") from error
 
 
-@torch.no_grad()
-def load_adapters(model: nn.Module, path: str) -> List[str]:
-    """Load adapters saved by :func:`save_adapters` into an optimized ``model``, bit for bit.
-
-    ``path``: the directory (or its ``.safetensors`` file). The model must carry adapters on the
-    same modules with the same ``r`` and ``scaling``; every key and shape is checked before
-    anything is copied, so a failed load changes nothing. Pickle files are refused.
-    Returns the names of the modules loaded.
-    """
-    from safetensors.torch import load_file
-
-    weights_path, config_path = _resolve_files(path)
-    modules = lors_modules(model)
-    if not modules:
-        raise ValueError("load_adapters: model has no LoRS adapters; call optimize(model, config) "
-                         "with the saved adapter_config.json's settings first")
-    with open(config_path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+def _check_config(saved: dict, modules: Dict[str, nn.Module], config_path: str) -> None:
+    """The saved ``adapter_config.json`` describes the adapters on ``modules``."""
     if saved.get("peft_type") != "LORS":
         raise ValueError(f"load_adapters: {config_path} has peft_type={saved.get('peft_type')!r}, "
                          f"expected 'LORS'")
@@ -139,7 +219,49 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
                              rel_tol=1e-9):
             raise ValueError(f"load_adapters: scaling={saved.get('scaling')} in file but "
                              f"{module.scaling} on {name}")
-    tensors = load_file(weights_path)
+
+
+def _check_fingerprint(model: nn.Module, saved: Optional[dict], weights_path: str) -> None:
+    """Refuse a base whose zero pattern differs from the saved fingerprint's (first module
+    named); without a saved fingerprint (older files) only warn."""
+    if saved is None or saved.get("algorithm") != _FINGERPRINT_ALGORITHM:
+        why = ("has no mask fingerprint (written by an older lors_fx, or under ZeRO-3)"
+               if saved is None else f"has a mask fingerprint of unknown kind "
+               f"{saved.get('algorithm')!r}")
+        warnings.warn(f"load_adapters: {weights_path} {why}; the base's zero pattern is not "
+                      f"checked against the one the adapters were trained on", UserWarning,
+                      stacklevel=3)
+        return
+    current = mask_fingerprint(model)
+    if current is None:  # ZeRO-3 partitions: nothing to compare here
+        return
+    differ = [n for n, h in current["modules"].items() if saved["modules"].get(n) != h]
+    if differ:
+        raise ValueError(f"load_adapters: the base's zero pattern differs from the one the "
+                         f"adapters in {weights_path} were trained on, first at {differ[0]} "
+                         f"({len(differ)} of {len(current['modules'])} adapted modules differ): "
+                         f"this is another pruning of the model; use the exact pruned base the "
+                         f"adapters were trained on (lors-fx train --prune saves it in OUT/base)")
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, path: str) -> List[str]:
+    """Load adapters saved by :func:`save_adapters` into an optimized ``model``, bit for bit.
+
+    ``path``: the directory (or its ``.safetensors`` file). The model must carry adapters on the
+    same modules with the same ``r`` and ``scaling``, on a base with the zero pattern the
+    adapters were trained on (the saved :func:`mask_fingerprint`; files without one load with a
+    warning); every key, shape and mask is checked before anything is copied, so a failed load
+    changes nothing. Unreadable files (truncated, not JSON) are errors that name the file.
+    Pickle files are refused. Returns the names of the modules loaded.
+    """
+    weights_path, config_path = _resolve_files(path)
+    modules = lors_modules(model)
+    if not modules:
+        raise ValueError("load_adapters: model has no LoRS adapters; call optimize(model, config) "
+                         "with the saved adapter_config.json's settings first")
+    _check_config(_read_json(config_path, "load_adapters"), modules, config_path)
+    tensors, metadata = _read_weights(weights_path, "load_adapters")
     expected = {f"{_KEY_PREFIX}{name}.{part}.weight": getattr(module, part)
                 for name, module in modules.items() for part in ("lora_A", "lora_B")}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -152,6 +274,7 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
                              f"file but {tuple(param.shape)} in the model")
         if not tensors[key].dtype.is_floating_point:
             raise TypeError(f"load_adapters: {key} is {tensors[key].dtype}, expected a float")
+    _check_fingerprint(model, _parse_fingerprint(metadata, weights_path), weights_path)
     for key, param in expected.items():
         param.copy_(tensors[key])
     return list(modules)

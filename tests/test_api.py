@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lors_fx import LorsConfig, audit, is_optimized, lors_modules, merge, optimize, snapshot_masks
 from lors_fx.ops import reference_sparse_lora_linear
+from lors_fx.state import state_of
 from lors_fx.testing.toy import toy_batches
 from tests._toy import assert_unchanged, snapshot, sparse_mlp
 
@@ -127,3 +128,85 @@ def test_compiled_optimize_then_merge_restores_the_eager_forward():
     merge(model)
     assert "forward" not in model.__dict__ and not is_optimized(model)
     torch.testing.assert_close(model(x), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _plant(model, value, name="lora_A", module_name=None):
+    """Put ``value`` in one entry of one adapter (of the first adapted module by default);
+    returns the module's name."""
+    module_name = module_name or next(iter(lors_modules(model)))
+    with torch.no_grad():
+        getattr(lors_modules(model)[module_name], name)[0, 1] = value
+    return module_name
+
+
+def _assert_same_bits(model, state):
+    """Every state_dict tensor has the same bits (NaN included) as in ``state``."""
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert now[key].dtype == value.dtype, key
+        assert torch.equal(now[key].view(torch.int32), value.view(torch.int32)), key
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_merge_refuses_non_finite_adapters_and_changes_nothing(compile, value):
+    """A diverged adapter would write NaN/inf weights: merge names the module and changes
+    nothing (weights, modules, flags, state, the compiled forward)."""
+    model = sparse_mlp(sizes=(32, 48, 16))
+    optimize(model, LorsConfig(r=4), compile=compile)
+    bad = _plant(model, value, "lora_B")
+    state, types, flags, attrs = snapshot(model)
+    with pytest.raises(FloatingPointError, match=rf"merge: non-finite adapter .*{bad} \(1\)"):
+        merge(model)
+    _assert_same_bits(model, state)
+    assert [(name, type(m)) for name, m in model.named_modules()] == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert state_of(model) is attrs
+    assert ("forward" in model.__dict__) == compile and is_optimized(model)
+    with torch.no_grad():
+        getattr(lors_modules(model)[bad], "lora_B")[0, 1] = 0.0
+    merge(model)
+    assert not is_optimized(model)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_nan_adapter_makes_the_loss_nan(compile, toy_llama):
+    """One NaN in one lora_A: the loss is NaN, so a training loop can stop. It used to be scrubbed
+    to 0 inside W': a finite, flat loss while every adapter went NaN. (An MLP projection: CPU
+    SDPA returns finite outputs for a NaN in q, so q_proj would not show it in the loss.)"""
+    model = toy_llama
+    optimize(model, LorsConfig(r=4), compile=compile)
+    batch = toy_batches(1, batch_size=2, seq_len=8, seed=1)[0]
+    assert torch.isfinite(model(**batch).loss)
+    bad = _plant(model, float("nan"), module_name="model.layers.0.mlp.down_proj")
+    loss = model(**batch).loss
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(lors_modules(model)[bad].lora_B.grad).any()
+
+
+def test_restore_adapters_from_a_file_without_adapter_dtype(tmp_path):
+    """An adapter_config.json written before ``adapter_dtype`` existed (float16 adapters of a
+    float16 model) restores with the default: float32 adapters holding the same values."""
+    import json
+
+    from lors_fx import restore_adapters, save_adapters
+
+    model = sparse_mlp(sizes=(32, 48, 16), dtype=torch.float16)
+    optimize(model, LorsConfig(r=4, adapter_dtype="weight"), compile=False)
+    with torch.no_grad():
+        for module in lors_modules(model).values():
+            module.lora_B.normal_()
+    save_adapters(model, str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["adapter_dtype"]
+    config_path.write_text(json.dumps(saved))
+    fresh = sparse_mlp(sizes=(32, 48, 16), dtype=torch.float16)
+    restore_adapters(fresh, str(tmp_path))
+    for name, module in lors_modules(fresh).items():
+        trained = lors_modules(model)[name]
+        for part in ("lora_A", "lora_B"):
+            assert getattr(module, part).dtype == torch.float32
+            assert torch.equal(getattr(module, part), getattr(trained, part).float())

@@ -2,7 +2,9 @@
 
 Steps: load the base (a local HF directory or ``smollm2``), snapshot its zero pattern, rebuild the
 same adapters from ``adapter_config.json`` (:func:`lors_fx.restore_adapters`: same config, eager
-path, then :func:`lors_fx.load_adapters`), :func:`lors_fx.merge`, audit that the zero pattern is
+path, then :func:`lors_fx.load_adapters`, which refuses a base whose zero pattern differs from the
+mask fingerprint saved with the adapters, e.g. another pruning of the same model, naming the first
+module that differs), :func:`lors_fx.merge`, audit that the zero pattern is
 bit-for-bit the base's (no pruned weight became nonzero, no kept weight became zero), and
 ``save_pretrained`` the merged model (plus the tokenizer). The output loads with plain
 ``transformers.AutoModelForCausalLM.from_pretrained``; it needs no lors_fx.
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from lors_fx.api import merge, restore_adapters
+from lors_fx.cli._guards import add_tokenizer_argument, text_tokenizer
 from lors_fx.sparsity import audit, snapshot_masks
 from lors_fx.workflows.embedded import load_model
 
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the pruned base: a local Hugging Face directory or "
                         "'smollm2' (must be the exact base the adapters were trained on)")
     parser.add_argument("adapters", help="directory written by save_adapters / lors-fx train")
+    add_tokenizer_argument(parser)
     parser.add_argument("--out", required=True, help="where to save_pretrained the merged model")
     parser.add_argument("--json", metavar="FILE", help="also write the audit as JSON")
     parser.add_argument("--no-progress", action="store_true")
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     model, tokenizer = load_model(args.model, progress=not args.no_progress)
+    tokenizer = text_tokenizer(args, model, tokenizer)
     masks = snapshot_masks(model)
     restore_adapters(model, args.adapters)
     report = merge_and_audit(model, masks)

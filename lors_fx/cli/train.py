@@ -1,20 +1,27 @@
 """``lors-fx train MODEL --out DIR``: load (and prune) a model, attach a method, train, save.
 
 The loop and the methods are :mod:`lors_fx.workflows.train`; this module is its command line.
+``--save-every N`` writes resumable checkpoints (``OUT/checkpoint-<step>``, atomically);
+``--resume OUT`` (or one checkpoint directory) continues a stopped run, given the same other
+arguments, to the same final adapters. SIGTERM saves a checkpoint and exits with 143
+(:class:`lors_fx.workflows.train.TrainingInterrupted`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+from lors_fx.cli._guards import add_tokenizer_argument, note_dense_linears, text_tokenizer
 from lors_fx.workflows.data import (build_instruction_splits, build_lm_splits, calibration_sample,
                                     load_instructions, load_texts)
 from lors_fx.workflows.embedded import load_model
 from lors_fx.workflows.prune import prune_model
-from lors_fx.workflows.train import TRAIN_METHODS, TrainConfig, prepare_model, train
+from lors_fx.workflows.train import (TRAIN_METHODS, TrainConfig, TrainingInterrupted,
+                                     prepare_model, train)
 
 __all__ = ["add_arguments", "run"]
 
@@ -25,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lors-fx train MODEL --out DIR`` (MODEL: a pruned HF directory or 'smollm2')."""
     add = parser.add_argument
     add("model", help="a local (pruned) Hugging Face model directory, or 'smollm2'")
+    add_tokenizer_argument(parser)
     add("--out", required=True, help="output directory (adapters in OUT/adapters)")
     add("--method", choices=TRAIN_METHODS, default="lors")
     add("--data", default="embedded", help="training text: 'embedded', a .txt/.json/.jsonl file "
@@ -50,23 +58,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pattern", default=None, help="with --prune: 'unstructured' or N:M")
     add("--eval-every", type=int, default=0)
     add("--eval-blocks", type=int, default=8)
-    add("--save-every", type=int, default=0)
+    add("--save-every", type=int, default=0, metavar="N", help="write a resumable checkpoint "
+        "(adapters, optimizer, LR schedule, step, data position, RNG) every N steps to "
+        "OUT/checkpoint-<step>")
+    add("--resume", default=None, metavar="DIR", help="continue a stopped run from DIR: a "
+        "checkpoint, or a run's OUT (its latest checkpoint); give the same other arguments")
     add("--seed", type=int, default=0)
     add("--json", metavar="FILE", help="also write the result as JSON")
     add("--no-progress", action="store_true")
+
+
+def _write_summary(args: argparse.Namespace, init: str, result) -> None:
+    """``--json FILE``: the run's settings and :class:`TrainResult` (with ``final_loss``)."""
+    if not args.json:
+        return
+    summary = {"model": args.model, "method": args.method, "init": init,
+               "final_loss": result.losses[-1], **result.to_dict()}
+    with open(args.json, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lors-fx train``: load, (prune), attach, train, save adapters and tokenizer."""
     progress = not args.no_progress
     model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], progress=progress)
-    if tokenizer is None:
-        raise ValueError(f"model: {args.model} has no tokenizer; training needs text")
+    tokenizer = text_tokenizer(args, model, tokenizer, "training")
     if args.instructions:
-        splits = build_instruction_splits(load_instructions(args.data), tokenizer,
+        splits = build_instruction_splits(load_instructions(args.data, progress=progress), tokenizer,
                                           block_size=args.block_size, seed=args.seed)
     else:
-        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
+        splits = build_lm_splits(load_texts(args.data, progress=progress), tokenizer, block_size=args.block_size,
                                  seed=args.seed)
     if args.prune:
         n = min(32, len(splits.train))
@@ -84,18 +106,27 @@ def run(args: argparse.Namespace) -> int:
     init = args.init or ("gradient" if args.method == "lors" else "zeros")
     if init == "gradient":
         init_data = list(splits.train.batches(args.batch_size, shuffle=True, seed=args.seed + 99))
+    if args.method == "lors":
+        note_dense_linears("train", model)
     prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
-                  init_data=init_data, init_samples=args.init_samples, compile=args.compile)
+                  init_data=init_data, init_samples=args.init_samples, compile=args.compile,
+                  progress=progress)
     eval_blocks = splits.eval[: args.eval_blocks] if args.eval_every else None
     eval_data = [eval_blocks] if eval_blocks is not None else None
-    result = train(model, splits.train, config, eval_data=eval_data)
-    tokenizer.save_pretrained(os.path.join(args.out, "adapters"))
-    summary = {"model": args.model, "method": args.method, "init": init,
-               "final_loss": result.losses[-1], **result.to_dict()}
+    stopped = None
+    try:
+        result = train(model, splits.train, config, eval_data=eval_data, resume_from=args.resume)
+    except TrainingInterrupted as stop:  # SIGTERM: a checkpoint (or the final adapters) saved
+        result, stopped = stop.result, stop
+    _write_summary(args, init, result)
+    if not result.interrupted:
+        tokenizer.save_pretrained(os.path.join(args.out, "adapters"))
+    if stopped is not None:
+        resume = (f"; continue with the same arguments and --resume {args.out}"
+                  if result.interrupted else "")
+        print(f"lors-fx train: stopped by SIGTERM after step {result.steps}/{args.steps}; "
+              f"saved {stopped.checkpoint}{resume}", file=sys.stderr)
+        return int(stopped.code)
     print(f"trained {result.steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s; saved {result.checkpoints[-1]}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
     return 0

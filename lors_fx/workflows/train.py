@@ -4,14 +4,18 @@
 (:mod:`lors_fx.methods.registry`: ``lors`` through :func:`lors_fx.optimize`, with gradient init
 by default; ``sqft``, ``spp``, ``lora`` as wrapper modules), and :func:`train` runs a plain loop:
 AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, a tqdm bar with
-the loss and tokens/s, periodic eval, and adapter checkpoints (:func:`lors_fx.save_adapters`).
-``lors-fx train`` (:mod:`lors_fx.cli.train`) wraps both.
+the loss and tokens/s, periodic eval, and resumable checkpoints
+(:mod:`lors_fx.workflows.checkpoint`: adapters, optimizer, LR schedule, step, data position and
+RNG, written atomically; ``train(..., resume_from=DIR)`` continues an interrupted run to the same
+final adapters, and SIGTERM saves one and stops). ``lors-fx train`` (:mod:`lors_fx.cli.train`)
+wraps both.
 
 The same model works with the Hugging Face ``Trainer`` (the adapters are parameters of the model,
 everything else is frozen; :func:`lors_fx.optimize` installs the compiled forward on the model)::
 
     from transformers import Trainer, TrainingArguments
     from lors_fx import LorsConfig, optimize, save_adapters
+    from lors_fx.workflows.callbacks import StopOnNonFiniteLoss
     from lors_fx.workflows.data import build_lm_splits, load_texts
 
     splits = build_lm_splits(load_texts("embedded"), tokenizer, block_size=256)
@@ -21,7 +25,8 @@ everything else is frozen; :func:`lors_fx.optimize` installs the compiled forwar
                              per_device_train_batch_size=4, gradient_accumulation_steps=4,
                              lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10,
                              save_strategy="no", report_to=[], remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=splits.train).train()
+    Trainer(model=model, args=args, train_dataset=splits.train,
+            callbacks=[StopOnNonFiniteLoss()]).train()        # stop on NaN, do not run on
     save_adapters(model, "out/adapters")                       # then: lors-fx merge
 
 ``splits.train`` (a :class:`lors_fx.workflows.data.TextBlocks`) is a map-style dataset of
@@ -42,13 +47,15 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 from torch import nn
 
-from lors_fx.adapters import is_optimized
 from lors_fx.methods.registry import TRAINING_METHODS, attach_method, get_method
-from lors_fx.serialization import save_adapters
+from lors_fx.workflows.checkpoint import (TRAJECTORY_FIELDS, TrainingInterrupted, data_digest,
+                                          find_checkpoint, history_of, load_checkpoint,
+                                          save_checkpoint, save_trainable, stop_on_sigterm,
+                                          write_atomically)
 from lors_fx.workflows.data import mean_token_loss
 
-__all__ = ["TRAIN_METHODS", "TrainConfig", "TrainResult", "cosine_with_warmup", "prepare_model",
-           "train", "mean_loss"]
+__all__ = ["TRAIN_METHODS", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "cosine_with_warmup", "prepare_model", "train", "mean_loss"]
 
 #: the methods :func:`prepare_model` accepts (a view of the registry: ``lors`` is LoRS through
 #: lors_fx.optimize, the others are baselines)
@@ -63,7 +70,8 @@ class TrainConfig:
     blocks. The learning rate warms up linearly over ``warmup_steps`` (default
     ``round(warmup_ratio * steps)``) and then follows a cosine down to ``min_lr_ratio * lr``.
     ``eval_every``/``save_every`` = 0 disables periodic eval/checkpoints; checkpoints go to
-    ``output_dir/checkpoint-<step>`` (and the final adapters to ``output_dir/adapters``).
+    ``output_dir/checkpoint-<step>`` (resumable: :mod:`lors_fx.workflows.checkpoint`) and the
+    final adapters to ``output_dir/adapters``.
     """
 
     steps: int = 100
@@ -115,7 +123,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did: per-step loss and learning rate, eval history, throughput."""
+    """What :func:`train` did: per-step loss and learning rate, eval history, throughput.
+
+    A resumed run's history starts at step 1 (the checkpoint's part is carried over);
+    ``interrupted`` is True when SIGTERM stopped the run before its last step (see
+    :class:`TrainingInterrupted`), ``resumed_from`` is the checkpoint it continued from.
+    """
 
     steps: int = 0
     losses: List[float] = field(default_factory=list)
@@ -125,6 +138,8 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     checkpoints: List[str] = field(default_factory=list)
+    interrupted: bool = False
+    resumed_from: Optional[str] = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -183,17 +198,21 @@ def prepare_model(model: nn.Module, method: str = "lors", *, r: int = 16,
     return model
 
 
-def _cycle_batches(data, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless micro-batches: TextBlocks reshuffled each epoch, or a batch list cycled."""
+def _cycle_batches(data, batch_size: int, seed: int, start: int = 0) -> Iterator[dict]:
+    """Endless micro-batches from micro-batch ``start`` on (a resume's data position):
+    TextBlocks reshuffled each epoch (seed + epoch), or a batch list cycled."""
     if hasattr(data, "batches") and hasattr(data, "input_ids"):
         if len(data) == 0:
             raise ValueError("train_data: no training block (corpus too small for block_size?)")
-        for epoch in itertools.count():
-            yield from data.batches(batch_size, shuffle=True, seed=seed + epoch)
+        per_epoch = -(-len(data) // batch_size)
+        for epoch in itertools.count(start // per_epoch):
+            epoch_batches = data.batches(batch_size, shuffle=True, seed=seed + epoch)
+            skip, start = start % per_epoch, 0
+            yield from itertools.islice(epoch_batches, skip, None)
     batches = list(data)
     if not batches:
         raise ValueError("train_data: no batch to train on")
-    yield from itertools.cycle(batches)
+    yield from itertools.islice(itertools.cycle(batches), start % len(batches), None)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -203,19 +222,6 @@ def _to_device(batch: dict, device) -> dict:
 def mean_loss(model: nn.Module, data, batch_size: int = 4) -> float:
     """Token-weighted mean next-token loss of ``model`` over ``data`` (TextBlocks or batches)."""
     return mean_token_loss(model, data, batch_size=batch_size)
-
-
-def _save_checkpoint(model: nn.Module, path: str) -> str:
-    """LoRS adapters via save_adapters; other methods' trainable parameters as safetensors."""
-    if is_optimized(model):
-        save_adapters(model, path)
-    else:
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}, os.path.join(path, "trainable.safetensors"))
-    return path
 
 
 def _optimizer(params: List[nn.Parameter], config: TrainConfig):
@@ -240,20 +246,94 @@ def _accumulate(model: nn.Module, batches: Iterator[dict], config: TrainConfig, 
     return total
 
 
+def _trajectory(config: TrainConfig) -> dict:
+    """The settings a resumed run must share with the checkpoint (JSON-ready)."""
+    return {name: getattr(config, name) for name in TRAJECTORY_FIELDS}
+
+
+def _checkpoint(model: nn.Module, optimizer, scheduler, config: TrainConfig,
+                result: TrainResult, data_id: dict, step: int) -> None:
+    """Save the resumable checkpoint of optimizer step ``step`` (1-based), once per step."""
+    path = os.path.join(config.output_dir, f"checkpoint-{step}")
+    if result.checkpoints and result.checkpoints[-1] == path:
+        return
+    result.checkpoints.append(path)  # the saved history lists this checkpoint too
+    try:
+        save_checkpoint(path, model, optimizer, scheduler, step=step,
+                        micro_batches=step * config.grad_accum, trajectory=_trajectory(config),
+                        data=data_id, history=history_of(result))
+    except BaseException:
+        result.checkpoints.pop()
+        raise
+
+
+def _resume(path: str, model: nn.Module, optimizer, scheduler, config: TrainConfig,
+            result: TrainResult, data_id: dict) -> int:
+    """Load the checkpoint at (or latest under) ``path``; returns the micro-batches consumed."""
+    checkpoint = find_checkpoint(path)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler,
+                            trajectory=_trajectory(config), data=data_id)
+    for key, value in state["history"].items():
+        setattr(result, key, value)
+    result.steps, result.resumed_from = state["step"], checkpoint
+    return state["micro_batches"]
+
+
 def _after_step(model: nn.Module, step: int, config: TrainConfig, result: TrainResult,
-                eval_fn: Optional[Callable[[nn.Module], float]], postfix: dict) -> None:
+                eval_fn: Optional[Callable[[nn.Module], float]], postfix: dict,
+                save: Callable[[int], None]) -> None:
     """Periodic eval and checkpoint after optimizer step ``step`` (1-based)."""
     if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
         result.evals.append({"step": step, "eval_loss": float(eval_fn(model))})
         postfix["eval"] = f"{result.evals[-1]['eval_loss']:.3f}"
     if config.save_every and step % config.save_every == 0:
-        result.checkpoints.append(_save_checkpoint(
-            model, os.path.join(config.output_dir, f"checkpoint-{step}")))
+        save(step)
+
+
+def _steps(model: nn.Module, batches: Iterator[dict], optimizer, scheduler, config: TrainConfig,
+           result: TrainResult, hooks: dict) -> None:
+    """Optimizer steps ``result.steps + 1 .. config.steps``; ``hooks``: ``eval_fn``,
+    ``loss_fn``, ``save(step)`` and ``stop`` (an Event: SIGTERM, checked after each step)."""
+    from tqdm.auto import tqdm
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(range(result.steps, config.steps), desc="train", disable=not config.progress,
+               initial=result.steps, total=config.steps)
+    start, before = time.perf_counter(), result.seconds
+    for step in bar:
+        step_start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        total = _accumulate(model, batches, config, params[0].device, hooks["loss_fn"], result)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"train: loss is {total} at step {step + 1}; lower the lr")
+        # A NaN can stay out of the loss (CPU attention drops it), never out of the gradients.
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        if not math.isfinite(float(norm)):
+            raise FloatingPointError(f"train: gradient norm is {float(norm)} at step {step + 1} "
+                                     f"(the loss was {total}); lower the lr")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.steps = step + 1
+        result.losses.append(total)
+        result.lrs.append(lr)
+        result.step_seconds.append(time.perf_counter() - step_start)
+        result.seconds = before + time.perf_counter() - start
+        postfix = {"loss": f"{total:.3f}", "tok/s": f"{result.tokens_per_second:.0f}"}
+        _after_step(model, step + 1, config, result, hooks["eval_fn"], postfix, hooks["save"])
+        bar.set_postfix(postfix)
+        if hooks["stop"].is_set() and step + 1 < config.steps:
+            result.interrupted = True
+            if config.output_dir:
+                hooks["save"](step + 1)
+            break
+    bar.close()
+    result.seconds = before + time.perf_counter() - start
 
 
 def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
           eval_data=None, eval_fn: Optional[Callable[[nn.Module], float]] = None,
-          loss_fn: Optional[Callable] = None) -> TrainResult:
+          loss_fn: Optional[Callable] = None, resume_from: Optional[str] = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad; returns a :class:`TrainResult`.
 
     Args:
@@ -263,11 +343,16 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
         eval_data: TextBlocks or batches for periodic eval (mean loss, :func:`mean_loss`).
         eval_fn: ``eval_fn(model) -> float`` instead of the mean loss on ``eval_data``.
         loss_fn: ``loss_fn(model, batch) -> scalar`` (default ``model(**batch).loss``).
+        resume_from: a checkpoint directory, or a run's ``output_dir`` (its latest checkpoint):
+            adapters, optimizer, LR schedule, step, data position and RNG are restored, so the
+            run ends with the same adapters, bit for bit, as one that was never stopped. The
+            model must be prepared as before (same method, targets, rank, base) and ``config``
+            must have the same trajectory settings (steps, batch, lr, schedule, seed).
 
-    Each micro-batch's loss is divided by ``grad_accum`` (a mean over micro-batches).
+    Each micro-batch's loss is divided by ``grad_accum`` (a mean over micro-batches). SIGTERM
+    during training finishes the current optimizer step, saves a checkpoint (with an
+    ``output_dir``) and raises :class:`TrainingInterrupted` (exit code 143 if uncaught).
     """
-    from tqdm.auto import tqdm
-
     config = TrainConfig() if config is None else config
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -276,33 +361,21 @@ def train(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
         eval_fn = lambda m: mean_loss(m, eval_data, config.batch_size)  # noqa: E731
     torch.manual_seed(config.seed)
     optimizer, scheduler = _optimizer(params, config)
-    batches = _cycle_batches(train_data, config.batch_size, config.seed)
-    result = TrainResult()
+    result, data_id = TrainResult(), data_digest(train_data)
+    position = 0
+    if resume_from is not None:
+        position = _resume(resume_from, model, optimizer, scheduler, config, result, data_id)
+    batches = _cycle_batches(train_data, config.batch_size, config.seed, position)
     model.train()
-    bar = tqdm(range(config.steps), desc="train", disable=not config.progress)
-    start = time.perf_counter()
-    for step in bar:
-        step_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        total = _accumulate(model, batches, config, params[0].device, loss_fn, result)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"train: loss is {total} at step {step + 1}; lower the lr")
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.steps = step + 1
-        result.losses.append(total)
-        result.lrs.append(lr)
-        result.step_seconds.append(time.perf_counter() - step_start)
-        result.seconds = time.perf_counter() - start
-        postfix = {"loss": f"{total:.3f}", "tok/s": f"{result.tokens_per_second:.0f}"}
-        _after_step(model, step + 1, config, result, eval_fn, postfix)
-        bar.set_postfix(postfix)
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    if config.output_dir:
-        result.checkpoints.append(_save_checkpoint(model, os.path.join(config.output_dir,
-                                                                       "adapters")))
+    with stop_on_sigterm() as stop:
+        save = lambda step: _checkpoint(model, optimizer, scheduler, config, result,  # noqa: E731
+                                        data_id, step)
+        _steps(model, batches, optimizer, scheduler, config, result,
+               dict(eval_fn=eval_fn, loss_fn=loss_fn, save=save, stop=stop))
+        if config.output_dir and not result.interrupted:
+            path = os.path.join(config.output_dir, "adapters")
+            write_atomically(path, lambda tmp: save_trainable(model, tmp))
+            result.checkpoints.append(path)
+        if stop.is_set():  # at a safe point now: stop as the signal asked
+            raise TrainingInterrupted(result)
     return result

@@ -80,3 +80,24 @@ def test_attach_saved_adapters_loads_the_values(tmp_path, toy_llama):
     for name, param in fresh.named_parameters():
         if "lora_" in name:
             assert torch.equal(param, saved[name]), name
+
+
+def test_merge_refuses_another_pruning_of_the_same_model(tmp_path, capsys):
+    """Same model, same sparsity, another zero pattern in one module: the adapters' saved mask
+    fingerprint differs, so nothing is merged or saved and the error names the module."""
+    trained = build_toy_llama(seed=0)
+    optimize(trained, LorsConfig(r=4), compile=False)
+    _trained_adapters(trained)
+    save_adapters(trained, str(tmp_path / "adapters"))
+    other = build_toy_llama(seed=0)
+    weight = other.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():  # row 0: one kept weight moves to a pruned position
+        kept, pruned = (weight[0] != 0).nonzero()[0, 0], (weight[0] == 0).nonzero()[0, 0]
+        weight[0, pruned], weight[0, kept] = weight[0, kept].item(), 0.0
+    other.save_pretrained(tmp_path / "repruned")
+    code = cli.main(["merge", str(tmp_path / "repruned"), str(tmp_path / "adapters"),
+                     "--out", str(tmp_path / "merged"), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "zero pattern differs" in err and "first at model.layers.1.mlp.down_proj" in err
+    assert not (tmp_path / "merged").exists()

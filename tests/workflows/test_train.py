@@ -1,4 +1,5 @@
 """lors_fx.workflows.train: schedule, accumulation, checkpoints, methods, the HF Trainer recipe, the CLI."""
+import json
 import math
 
 import pytest
@@ -160,11 +161,11 @@ def test_hf_trainer_recipe_runs_two_steps(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before if n.endswith("lora_B"))
 
 
-def test_cli_train_writes_adapters(tmp_path, capsys):
+def _cli_base(tmp_path):
+    """A tiny model directory with a byte-level tokenizer (no hub, fast) and a 12-document
+    corpus; returns the ``lors-fx train`` arguments before ``--out``'s value."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lors_fx import cli
-    # a tiny model directory with a byte-level tokenizer: no hub, fast
     from tests.workflows.test_evaluate import byte_tokenizer
 
     torch.manual_seed(0)
@@ -177,11 +178,16 @@ def test_cli_train_writes_adapters(tmp_path, capsys):
     text = tmp_path / "corpus.txt"  # 12 documents separated by blank lines
     text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog "
                                   f"{i} times while the cat sleeps." for i in range(12)))
+    return ["train", str(tmp_path / "base"), "--prune", "magnitude", "--data", str(text),
+            "--batch-size", "2", "--block-size", "32", "-r", "4", "--init-samples", "2",
+            "--no-progress"]
+
+
+def test_cli_train_writes_adapters(tmp_path, capsys):
+    from lors_fx import cli
+
     out = tmp_path / "run"
-    code = cli.main(["train", str(tmp_path / "base"), "--out", str(out), "--prune", "magnitude",
-                     "--data", str(text),
-                     "--steps", "2", "--batch-size", "2", "--block-size", "32", "-r", "4",
-                     "--init-samples", "2", "--no-progress"])
+    code = cli.main([*_cli_base(tmp_path), "--out", str(out), "--steps", "2"])
     assert code == 0, capsys.readouterr().err
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
     assert (out / "base" / "config.json").is_file()
@@ -189,9 +195,118 @@ def test_cli_train_writes_adapters(tmp_path, capsys):
 
 
 def test_bf16_model_trains_in_bf16():
+    """The bf16 base computes in bf16; its adapters are float32 (LorsConfig.adapter_dtype)."""
     model = build_toy_llama(seed=0).to(torch.bfloat16)
     prepare_model(model, "lors", r=4, init="zeros")
     result = train(model, toy_batches(2, batch_size=4, seq_len=16),
                    TrainConfig(steps=4, batch_size=4, lr=1e-2, progress=False))
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
     assert result.losses[-1] < result.losses[0]
+
+
+def test_train_stops_on_a_non_finite_loss():
+    """A NaN adapter entry makes the loss NaN (the op no longer scrubs it away), and the loop
+    raises instead of training a dead model."""
+    model = build_toy_llama(seed=0)
+    prepare_model(model, "lors", r=4, init="zeros")
+    with torch.no_grad():
+        lors_modules(model)["model.layers.0.mlp.down_proj"].lora_A[0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train(model, _blocks(8), TrainConfig(steps=3, batch_size=4, progress=False))
+
+
+def test_cli_train_resume_ends_with_the_adapters_of_an_uninterrupted_run(tmp_path, capsys,
+                                                                       monkeypatch):
+    """``lors-fx train --save-every 2``, stopped by SIGTERM in step 3 (exit 143, checkpoint-3
+    saved), then ``--resume OUT``: the final adapter file equals an uninterrupted run's, bit for
+    bit (same process, same thread count; the checkpoint holds optimizer, schedule, step, data
+    position and RNG)."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from lors_fx import cli
+    from lors_fx.cli import train as cli_train
+
+    args = [*_cli_base(tmp_path), "--steps", "5", "--save-every", "2", "--eval-every", "2"]
+    # each run as in a fresh process: the gradient init's random projection (svd_lowrank) draws
+    # from the global RNG, which --seed does not set; the resumed run's init is overwritten
+    torch.manual_seed(0)
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    real_train, calls = cli_train.train, [0]
+
+    def loss_fn(model, batch):
+        calls[0] += 1
+        if calls[0] == 3:  # first micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return model(**batch).loss
+
+    monkeypatch.setattr(cli_train, "train", lambda *a, **k: real_train(*a, loss_fn=loss_fn, **k))
+    capsys.readouterr()
+    torch.manual_seed(0)
+    assert cli.main([*args, "--out", str(tmp_path / "b")]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 3/5" in err and f"--resume {tmp_path / 'b'}" in err
+    assert sorted(os.listdir(tmp_path / "b")) == ["base", "checkpoint-2", "checkpoint-3"]
+    monkeypatch.setattr(cli_train, "train", real_train)
+    code = cli.main([*args, "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b"),
+                     "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    expected = load_file(str(tmp_path / "a" / "adapters" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "b" / "adapters" / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["resumed_from"] == str(tmp_path / "b" / "checkpoint-3")
+    assert summary["steps"] == 5 and len(summary["losses"]) == 5
+
+
+def test_cli_train_sigterm_in_a_subprocess_saves_and_exits_143(tmp_path):
+    """A real SIGTERM to a running ``lors-fx train``: it saves a checkpoint and exits with 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lors_fx.workflows.checkpoint import TRAINER_STATE_NAME, find_checkpoint
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lors_fx.cli.main", *_cli_base(tmp_path), "--out", str(out),
+               "--steps", "100000", "--save-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint-1" / TRAINER_STATE_NAME).is_file():  # training is running
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    latest = find_checkpoint(str(out))
+    state = json.loads((Path(latest) / TRAINER_STATE_NAME).read_text())
+    assert latest.endswith(f"checkpoint-{state['step']}") and 1 <= state["step"] < 100000
+    assert not [p for p in os.listdir(out) if p.endswith((".tmp", ".old"))]
+    assert not (out / "adapters").exists()
+
+
+def test_train_stops_on_a_non_finite_gradient_the_loss_hides():
+    """A NaN in a q_proj adapter stays out of the loss (CPU attention drops it) but not out of
+    the gradients: the loop stops on the gradient norm."""
+    model = build_toy_llama(seed=0)
+    prepare_model(model, "lors", r=4, init="zeros")
+    with torch.no_grad():
+        lors_modules(model)["model.layers.0.self_attn.q_proj"].lora_B[0, 1] = float("nan")
+    batches = toy_batches(1, batch_size=2, seq_len=8)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
+        train(model, batches, TrainConfig(steps=2, batch_size=2, progress=False))
+
