@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compare-steps", type=int, default=d["compare_steps"],
         help="timed steps per method for LoRS vs SQFT (0 skips the comparison)")
     add("--seed", type=int, default=d["seed"])
+    add("--tokenizer", default=d["tokenizer"], metavar="PATH",
+        help="tokenizer directory to use instead of SmolLM2's own (must fit its vocabulary)")
     add("--json", metavar="FILE", default=d["json"], help="also write every number as JSON")
     add("--no-progress", action="store_true")
 

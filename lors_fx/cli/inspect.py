@@ -30,35 +30,45 @@ Exit codes: 0 ok, 2 bad arguments (one line on stderr), 1 failure (one line with
     pruning           {applied, method, sparsity, pattern, note}
     config            LorsConfig.to_dict()
     step              {batch, seq, tokens}
-    theoretical       true on --meta (no measured numbers, no passes, no graphs)
+    theoretical       true on --meta: every number is theoretical, nothing was measured
     sites             [{fqn, shape, sparsity, pattern, rank, grad_mode, rewritten,
-                        naive_saved_bytes, lors_saved_bytes}]
+                        naive_saved_bytes, lors_saved_bytes}]; rewritten null on --meta,
+                      the two byte counts theoretical (the formula) in every run
     passes            [{graph, name, count, nodes_created, nodes_erased, seconds}]
+                      (null on --meta: no pass ran)
     saved             {before_bytes, after_bytes, ratio, before: [row], after: [row],
                        naive_theoretical_bytes, lors_theoretical_bytes}
-                      row = {graph, name, source, shape, dtype, bytes, kind, view_of}
-    graphs            [{index, forward_nodes, backward_nodes}]
-    graph_breaks, recompiles, compiled, fallback
+                      row = {graph, name, source, shape, dtype, bytes, kind, view_of};
+                      before/after measured, theoretical on --meta; *_theoretical_bytes: the
+                      sums of the sites' theoretical counts
+    graphs            [{index, forward_nodes, backward_nodes}] (null on --meta)
+    graph_breaks, recompiles, compiled, fallback (null, null, false, null on --meta)
     code              {forward, backward, diff_forward, diff_backward}: readable code and
-                      unified diffs (null on --meta; diff_backward only with --show diff
-                      --graph backward, which costs one more compile and step)
+                      unified diffs, module paths for dynamo's input names (null on --meta;
+                      diff_backward only with --show diff --graph backward, which costs one
+                      more compile and step)
     notes             [str]
     seconds           {stage: seconds}
+
+"Theoretical" means the same in the text and in the JSON: computed from the formula in
+:mod:`lors_fx.cli.inspect_meta`, not measured. The text views cut code lines (``graph``,
+``diff``) to the terminal's width when there is one; ``--json`` keeps them whole.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 from typing import Any, Dict, List, Optional
 
-import torch
-from torch import fx
-
 from lors_fx.cli import inspect_meta as meta_tools
+from lors_fx.cli._output import fit_width
+from lors_fx.cli.inspect_code import diff_header
+from lors_fx.cli.inspect_dot import dot_text
 from lors_fx.cli.inspect_meta import BadArgument, run_inspection
 from lors_fx.config import parse_checkpoint_policy
-from lors_fx.passes.manager import SITE_META_KEY
 
 __all__ = ["add_arguments", "run", "validate", "inspect_model", "render", "dot_text",
            "SHOW_CHOICES"]
@@ -197,7 +207,7 @@ def _summary(data: Dict[str, Any]) -> str:
             ["LoRS config", f"r={config['r']}, lora_alpha={config['lora_alpha']:g}, "
                             f"grad_mode={config['grad_mode']}, checkpoint={config['checkpoint']}"],
             ["training step", f"batch {data['step']['batch']} x seq {data['step']['seq']}"
-                              + (" (theoretical, not run)" if data["theoretical"] else "")]]
+                              + (" (not run: --meta)" if data["theoretical"] else "")]]
     if data["theoretical"]:
         rows.append(["sites", f"{len(data['sites'])} target linears (treated as pruned)"])
     else:
@@ -228,11 +238,14 @@ def _sites(data: Dict[str, Any]) -> str:
 
     rows = [[s["fqn"], _shape(s["shape"]), "-" if s["sparsity"] is None else f"{s['sparsity']:.3f}",
              s["pattern"], s["rank"], s["grad_mode"],
-             "theoretical" if s["rewritten"] is None else ("yes" if s["rewritten"] else "no"),
+             "-" if s["rewritten"] is None else ("yes" if s["rewritten"] else "no"),
              s["naive_saved_bytes"], s["lors_saved_bytes"]] for s in data["sites"]]
     headers = ["site", "shape", "sparsity", "N:M", "rank", "grad_mode", "rewritten",
                "naive saves (B)", "LoRS saves (B)"]
-    return f"sites: {len(rows)}\n" + tabulate(rows, headers=headers, tablefmt="simple")
+    legend = "byte counts theoretical" + ("; rewritten: - (not compiled, --meta)"
+                                          if data["theoretical"] else "")
+    return (f"sites: {len(rows)} ({legend})\n"
+            + tabulate(rows, headers=headers, tablefmt="simple"))
 
 
 def _passes(data: Dict[str, Any]) -> str:
@@ -262,8 +275,27 @@ def _saved(data: Dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def render(data: Dict[str, Any], show: List[str], graph: str) -> str:
-    """The text of the requested ``--show`` views of an inspection's JSON data."""
+def _code_view(data: Dict[str, Any], view: str, graph: str, width: int) -> str:
+    """``--show graph`` or ``--show diff`` (with its header), lines cut to ``width``."""
+    if view == "graph":
+        return fit_width(data["code"][graph] or f"# no {graph} graph was compiled", width)
+    diff = data["code"][f"diff_{graph}"]
+    if not diff:
+        return f"# no {graph} diff available"
+    return fit_width(diff_header(data, graph) + "\n" + diff, width)
+
+
+def terminal_width() -> int:
+    """Columns of the terminal stdout writes to (``$COLUMNS`` first); 0 when it is no terminal
+    (a file or a pipe gets whole lines)."""
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        return 0
+    return shutil.get_terminal_size((0, 0)).columns
+
+
+def render(data: Dict[str, Any], show: List[str], graph: str, width: int = 0) -> str:
+    """The text of the requested ``--show`` views of an inspection's JSON data; code lines cut
+    to ``width`` columns (0: whole)."""
     parts = []
     for view in show:
         if view == "summary":
@@ -274,79 +306,9 @@ def render(data: Dict[str, Any], show: List[str], graph: str) -> str:
             parts.append(_passes(data))
         elif view == "saved":
             parts.append(_saved(data))
-        elif view == "graph":
-            parts.append(data["code"][graph] or f"# no {graph} graph was compiled")
-        elif view == "diff":
-            parts.append(data["code"][f"diff_{graph}"] or f"# no {graph} diff available")
+        else:
+            parts.append(_code_view(data, view, graph, width))
     return "\n\n".join(part.rstrip("\n") for part in parts) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Graphviz DOT of the rewritten region (written by hand: no pydot / graphviz dependency)
-# ---------------------------------------------------------------------------------------------
-
-
-def _shape_text(node: fx.Node) -> str:
-    value = node.meta.get("val", node.meta.get("example_value"))
-    if isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).replace("torch.", "")
-        return f"{dtype}[{', '.join(str(d) for d in value.shape)}]"
-    return ""
-
-
-def _target_text(node: fx.Node) -> str:
-    if node.op in ("placeholder", "get_attr", "output"):
-        return node.op
-    target = node.target
-    return getattr(target, "__name__", None) or str(target)
-
-
-def _quote(text: str) -> str:
-    """A DOT quoted string; newlines become DOT's ``\\n`` line breaks."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return '"' + escaped + '"'
-
-
-def _cluster(name: str, label: str, gm: fx.GraphModule, before: bool, prefix: str) -> List[str]:
-    region, inputs = meta_tools.rewritten_region(gm, before)
-    lines = [f"  subgraph cluster_{name} {{", f"    label={_quote(label)};"]
-    members = set(region) | set(inputs)
-    for node in inputs:
-        short = node.name if len(node.name) <= 48 else "..." + node.name[-45:]
-        lines.append(f"    {prefix}{node.name} [label={_quote(short + chr(10) + _shape_text(node))}"
-                     f", shape=box, style=dashed];")
-    for node in region:
-        color = "palegreen" if meta_tools.is_lors_op(node) else (
-            "lightpink" if SITE_META_KEY not in node.meta else "lightblue")
-        label = f"{node.name}\n{_target_text(node)}\n{_shape_text(node)}"
-        site = node.meta.get(SITE_META_KEY)
-        if site is not None:
-            label += f"\n{site.fqn}"
-        lines.append(f"    {prefix}{node.name} [label={_quote(label)}, style=filled, "
-                     f"fillcolor={color}];")
-    for node in region:
-        for arg in node.all_input_nodes:
-            if arg in members:
-                lines.append(f"    {prefix}{arg.name} -> {prefix}{node.name};")
-    lines.append("  }")
-    return lines
-
-
-def dot_text(before: Optional[fx.GraphModule], after: Optional[fx.GraphModule],
-             title: str = "lors_fx rewritten region") -> str:
-    """Graphviz DOT of the rewritten region: the naive masked-adapter chains of the dynamo graph
-    before the rewrite (pink: mask, ``B@A``, scale, ``W'``; blue: the site's linear) and the
-    lors op calls after it (green); dashed boxes are the region's inputs."""
-    lines = ["digraph lors_fx {", f"  label={_quote(title)};", "  rankdir=TB;",
-             "  node [fontname=\"monospace\", fontsize=10, shape=box];"]
-    if before is not None:
-        lines += _cluster("before", "before: naive masked form (dynamo graph)", before, True,
-                          "b_")
-    if after is not None:
-        lines += _cluster("after", "after: lors::sparse_lora_linear (rewritten dynamo graph)",
-                          after, False, "a_")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def run(args) -> int:
@@ -367,14 +329,13 @@ def run(args) -> int:
         data = result.data
         if args.dot:
             with open(args.dot, "w", encoding="utf-8") as handle:
-                handle.write(dot_text(result.graphs.get("before"),
-                                                 result.graphs.get("after"),
-                                                 f"lors_fx inspect {args.model}"))
+                handle.write(dot_text(result.graphs.get("before"), result.graphs.get("after"),
+                                      f"lors_fx inspect {args.model}", result.model))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump(data, handle, indent=2, sort_keys=True, default=str)
                 handle.write("\n")
-        sys.stdout.write(render(data, options["show"], args.graph))
+        sys.stdout.write(render(data, options["show"], args.graph, terminal_width()))
     except BadArgument as error:  # found late (e.g. --seq longer than the model allows)
         print(f"lors-fx inspect: error: {error}", file=sys.stderr)
         return 2

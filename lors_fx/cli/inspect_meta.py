@@ -18,7 +18,6 @@ requested sparsity/pattern and only these theoretical numbers are reported.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from lors_fx.api import optimize
+from lors_fx.cli.inspect_code import display_code, readable_code, readable_names, unified_diff
 from lors_fx.compiler import compile_model, compile_state_of, default_forward_passes, report
 from lors_fx.config import LorsConfig
 from lors_fx.passes._match import copy_graph_module, is_lors_op
@@ -82,25 +82,6 @@ class CaptureBefore:
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.graphs.append(copy_graph_module(gm))
         return PassResult(CAPTURE_PASS_NAME, 0)
-
-
-def readable_code(gm: Optional[fx.GraphModule]) -> str:
-    """The GraphModule's Python code with each value's dtype and shape as an annotation."""
-    if gm is None:
-        return "# (no graph)\n"
-    try:
-        return gm.print_readable(print_output=False, include_stride=False, include_device=False,
-                                 colored=False)
-    except TypeError:  # older signatures
-        return gm.print_readable(print_output=False)
-
-
-def unified_diff(before: str, after: str, before_name: str, after_name: str) -> str:
-    """A unified diff of two code listings (3 lines of context)."""
-    lines = difflib.unified_diff(before.splitlines(keepends=True),
-                                 after.splitlines(keepends=True), before_name, after_name, n=3)
-    text = "".join(lines)
-    return text if text else f"# no difference between {before_name} and {after_name}\n"
 
 
 def _innermost(node: fx.Node) -> Optional[str]:
@@ -267,7 +248,7 @@ def _training_records(model) -> list:
 
 
 def _joined(records, attribute: str) -> Optional[str]:
-    parts = [f"# graph {r.index}: {attribute}\n" + readable_code(getattr(r, attribute))
+    parts = [f"# graph {r.index}: {attribute}\n" + display_code(getattr(r, attribute))
              for r in records if getattr(r, attribute) is not None]
     return "\n".join(parts) if parts else None
 
@@ -303,7 +284,7 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
                       "meta": meta},
             "config": config.to_dict(), "step": {"batch": batch, "seq": seq,
                                                  "tokens": batch * seq},
-            "theoretical": meta, "passes": [], "graphs": [], "graph_breaks": None,
+            "theoretical": meta, "passes": None, "graphs": None, "graph_breaks": None,
             "recompiles": None, "compiled": False, "fallback": None,
             "code": {"forward": None, "backward": None, "diff_forward": None,
                      "diff_backward": None}}
@@ -368,8 +349,9 @@ def _measure(model, config, sparsity, pattern, batch, seq, element_size, stage, 
     diffs = []
     for record in records:
         if record.index < len(capture.graphs) and record.dynamo_graph is not None:
-            diffs.append(unified_diff(readable_code(capture.graphs[record.index]),
-                                      readable_code(record.dynamo_graph),
+            names = readable_names(record.dynamo_graph, model)
+            diffs.append(unified_diff(display_code(capture.graphs[record.index], names),
+                                      display_code(record.dynamo_graph, names),
                                       f"graph{record.index}/dynamo.before",
                                       f"graph{record.index}/dynamo.after"))
     code["diff_forward"] = "\n".join(diffs) or None
@@ -385,7 +367,7 @@ def _measure(model, config, sparsity, pattern, batch, seq, element_size, stage, 
             naive = _training_records(model)
         pairs = list(zip(naive, records))
         code["diff_backward"] = "\n".join(
-            unified_diff(readable_code(n.backward), readable_code(a.backward),
+            unified_diff(display_code(n.backward), display_code(a.backward),
                          f"graph{a.index}/backward.naive", f"graph{a.index}/backward.lors")
             for n, a in pairs) or None
         graphs["backward_before"] = naive[0].backward if naive else None

@@ -1,7 +1,9 @@
 """The ``lors-fx`` command line: an argparse dispatcher over subcommands.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``
-and is registered in :data:`COMMANDS`. Exit codes: 0 ok, 1 failure, 2 bad arguments.
+and is registered in :data:`COMMANDS`. Exit codes: 0 ok, 1 failure, 2 bad arguments. Every command
+runs inside :func:`lors_fx.cli._output.command_output`: ``--no-progress`` turns Hugging Face's bars
+off too, and lines from other packages that a user can do nothing about stay off the terminal.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import argparse
 import importlib
 import sys
 from typing import Optional, Sequence
+
+from lors_fx.cli._output import command_output
 
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS = {
@@ -21,6 +25,8 @@ COMMANDS = {
     "eval": ("lors_fx.cli.eval", "perplexity (strided) and zero-shot accuracy (lm-eval)"),
     "bench": ("lors_fx.cli.bench", "benchmark LoRS against LoRA, SQFT, SPP and full sparse FT"),
 }
+#: commands that run the PyTorch profiler (peak memory), whose C++ code prints ``USDT:`` lines
+PROFILING_COMMANDS = ("demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as stop:  # argparse: 2 on bad arguments, 0 on --help
         return int(stop.code or 0)
     try:
-        return int(args._run(args))
+        with command_output(progress=not getattr(args, "no_progress", False),
+                            c_lines=args.command in PROFILING_COMMANDS):
+            return int(args._run(args))
     except KeyboardInterrupt:
         print("lors-fx: interrupted", file=sys.stderr)
         return 1

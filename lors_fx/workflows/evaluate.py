@@ -19,7 +19,10 @@ data for ``dataset_path: json`` on the local file.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -29,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from lors_fx.workflows.checks import check_token_ids
 
 __all__ = ["PAPER_TASKS", "PerplexityResult", "strided_perplexity", "text_perplexity",
            "write_local_tasks", "zero_shot"]
@@ -97,6 +102,7 @@ def strided_perplexity(model: nn.Module, input_ids, *, max_length: int = 1024,
         raise ValueError(f"stride: must be an int in [1, max_length={max_length}], got {stride!r}")
     if ids.numel() < 2:
         raise ValueError(f"input_ids: need at least 2 tokens, got {ids.numel()}")
+    check_token_ids(ids, model)
     windows = _windows(ids.numel(), max_length, stride)
     device = next(model.parameters()).device
     was_training = model.training
@@ -184,9 +190,25 @@ def write_local_tasks(tasks_dir, out_dir, tasks: Sequence[str] = PAPER_TASKS) ->
     return names
 
 
+@contextlib.contextmanager
+def _lm_eval_quiet(progress: bool):
+    """lm-eval's warnings about how we call it (an in-memory model, local task files, 0 shots)
+    below ERROR, and with ``progress`` off its bars too (some have no switch, so stderr is
+    swallowed inside the block); all restored on exit."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if not progress else \
+                contextlib.nullcontext():
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = PAPER_TASKS, *,
               tasks_dir: Optional[str] = None, limit: Optional[int] = None,
-              batch_size: int = 1) -> Dict[str, Dict[str, float]]:
+              batch_size: int = 1, progress: bool = True) -> Dict[str, Dict[str, float]]:
     """Zero-shot accuracy of an in-memory model with lm-eval; ``{task: {metric: value}}``.
 
     Args:
@@ -194,9 +216,23 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = PAPER_TASKS, *
         tasks_dir: a folder of ``<task>.jsonl`` files in the tasks' own schemas (used instead of
             the hub; see :func:`write_local_tasks`).
         limit: at most this many examples per task.
+        progress: lm-eval's progress bars.
     Metrics are lm-eval's (``acc``, ``acc_norm`` where the task defines it, and their stderr).
     """
     _lm_eval_tasks_folder()
+    with _lm_eval_quiet(progress):
+        output, names = _run_lm_eval(model, tokenizer, tasks, tasks_dir, limit, batch_size)
+    results = {}
+    for task, name in names.items():
+        raw = output["results"][name]
+        results[task] = {key.split(",")[0]: float(value) for key, value in raw.items()
+                         if "," in key and "stderr" not in key
+                         and isinstance(value, (int, float))}
+    return results
+
+
+def _run_lm_eval(model, tokenizer, tasks, tasks_dir, limit, batch_size):
+    """lm-eval's ``simple_evaluate`` on the in-memory model: ``(output, {task: lm-eval name})``."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -219,10 +255,4 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = PAPER_TASKS, *
                                    f"(offline?); pass tasks_dir with <task>.jsonl files "
                                    f"({type(error).__name__}: {error})") from error
             raise
-    results = {}
-    for task, name in names.items():
-        raw = output["results"][name]
-        results[task] = {key.split(",")[0]: float(value) for key, value in raw.items()
-                         if "," in key and "stderr" not in key
-                         and isinstance(value, (int, float))}
-    return results
+    return output, names

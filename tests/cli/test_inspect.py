@@ -173,6 +173,64 @@ def test_diff_views(full_run):
     assert saved_dense(naive[0]) and saved_dense(lors[0]) == []
 
 
+def test_forward_diff_reads_like_the_model(full_run):
+    """Module paths, not dynamo's placeholders; the op under the model line that calls it; a
+    header saying what was rewritten; all in the text view."""
+    forward, out = full_run["data"]["code"]["diff_forward"], full_run["out"]
+    assert "l_args_0_modules" not in forward and "l_self_modules" not in forward
+    assert "_parameters_" not in forward and "= None" not in forward
+    assert "model.layers.0.self_attn.q_proj.lora_A" in forward  # spelled as the model does
+    lines = forward.splitlines()
+    ops = [i for i, line in enumerate(lines)
+           if "torch.ops.lors.sparse_lora_linear.default(" in line]
+    assert len(ops) == 14
+    for i in ops:  # the comment above each op: the model's call, not the replaced F.linear
+        comment = next(line for line in reversed(lines[:i])
+                       if "# File:" in line and not line.startswith("-"))
+        assert "reference_sparse_lora_linear" not in comment and "ops.py" not in comment
+        assert "self." in comment and "_proj(" in comment, comment
+    text = cli_inspect.render(full_run["data"], ["diff"], "forward")
+    header = _section(text, "# forward diff:", "--- graph0/dynamo.before")
+    assert "# rewritten: 14 of 14 sites" in header
+    assert "model.layers.[0-1].self_attn.q_proj" in header
+    assert "rewrite_masked_adapters (graph 0): matched 14" in header
+    assert forward in text
+    assert _section(out, "# backward diff:", "--- graph0/backward.naive")  # --graph backward
+
+
+def test_code_views_are_cut_to_the_terminal_width(full_run):
+    data = full_run["data"]
+    text = cli_inspect.render(data, ["summary", "diff", "graph"], "forward", width=72)
+    code = text[text.index("# forward diff:"):]
+    assert max(len(line) for line in code.splitlines()) == 72
+    assert any(line.endswith("...") for line in code.splitlines())
+    assert cli_inspect.render(data, ["diff"], "forward", width=0).count(
+        data["code"]["diff_forward"]) == 1  # no terminal: whole lines
+
+
+def test_terminal_width_from_columns(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "91")
+    assert cli_inspect.terminal_width() == 91
+    monkeypatch.delenv("COLUMNS")
+    assert cli_inspect.terminal_width() == 0  # pytest's stdout is no terminal
+
+
+def test_theoretical_means_the_same_in_text_and_json(tmp_path):
+    """--meta: the JSON says null where nothing was computed; the text shows '-' there and
+    calls "theoretical" only the numbers the JSON calls theoretical."""
+    result = cli_inspect.inspect_model("tiny-llama", meta=True, seq=12, progress=False)
+    data = result.data
+    assert data["passes"] is None and data["graphs"] is None and data["graph_breaks"] is None
+    assert all(s["rewritten"] is None for s in data["sites"])
+    assert set(data["code"].values()) == {None}
+    text = cli_inspect.render(data, ["summary", "sites", "passes", "saved"], "forward")
+    sites = _section(text, "sites: 14", "passes:")
+    assert sites.startswith("sites: 14 (byte counts theoretical; rewritten: - (not compiled")
+    rows = [row for row in sites.splitlines()[3:] if row.strip()]
+    assert rows and all(" theoretical " not in row and re.search(r"\s-\s", row) for row in rows)
+    assert "batch 2 x seq 12 (not run: --meta)" in text
+
+
 def test_dot_file_is_a_valid_digraph_of_the_region(full_run):
     dot = full_run["dot"]
     assert dot.startswith("digraph")
@@ -183,6 +241,9 @@ def test_dot_file_is_a_valid_digraph_of_the_region(full_run):
     assert edges and all(a in declared and b in declared for a, b in edges)
     assert dot.count("fillcolor=palegreen") == 14  # one lors op per site after the rewrite
     assert dot.count("fillcolor=lightblue") == 14  # one annotated linear per site before
+    labels = re.findall(r'label="([^"]*)"', dot)
+    assert any(label.startswith("model.layers.0.self_attn.q_proj.lora_A\\n") for label in labels)
+    assert not any("l_args_0_modules" in label for label in labels)  # ids may keep them
 
 
 def test_pattern_2_4_exact_grad_mode_and_checkpoint(tmp_path):
@@ -233,7 +294,7 @@ def test_meta_7b_config_is_theoretical_and_allocates_nothing(tmp_path):
     assert all(p.device.type == "meta" for p in result.model.parameters())
     assert all(b.device.type == "meta" for b in result.model.buffers())
     data = result.data
-    assert data["theoretical"] is True and data["passes"] == [] and data["graphs"] == []
+    assert data["theoretical"] is True and data["passes"] is None and data["graphs"] is None
     assert len(data["sites"]) == 7 * 32
     per_layer = {s["fqn"].split(".")[-1] for s in data["sites"] if ".layers.0." in s["fqn"]}
     assert per_layer == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

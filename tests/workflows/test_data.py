@@ -80,6 +80,19 @@ def test_bad_arguments_name_the_argument():
         load_texts("/nonexistent/file.jsonl")
 
 
+def test_text_shorter_than_a_block_says_so_with_the_numbers():
+    docs = ["short one", "short two", "three", "four"]  # 9 + 9 + 5 + 4 bytes, EOS after each
+    with pytest.raises(ValueError, match=r"block_size: the training text is \d+ tokens \(3 "
+                                         r"document\(s\), EOS included\), shorter than one block "
+                                         r"of 64 tokens; give more text or a smaller block size"):
+        build_lm_splits(docs, TOK, block_size=64, eval_fraction=0.25)
+    records = [{"instruction": "Q?", "output": "A."}] * 4
+    with pytest.raises(ValueError, match="the training text is .* shorter than one block of 512"):
+        build_instruction_splits(records, TOK, block_size=512, eval_fraction=0.25)
+    splits = build_lm_splits(docs, TOK, block_size=8, eval_fraction=0.25)  # eval may be empty
+    assert len(splits.train) > 0
+
+
 def test_local_txt_and_jsonl(tmp_path):
     txt = tmp_path / "corpus.txt"
     txt.write_text("first doc line one\nline two\n\n\nsecond doc\n\nthird\n", encoding="utf-8")

@@ -52,15 +52,18 @@ def test_failed_merge_check_exits_1(monkeypatch, capsys):
     assert "FAILED: merged perplexity" in capsys.readouterr().err
 
 
-def test_demo_two_steps_on_smollm2(tmp_path, capsys):
-    """The README's first command, shrunk: SmolLM2-135M, Wanda 50%, LoRS 2 steps, merge."""
+def test_demo_two_steps_on_smollm2(tmp_path, capfd):
+    """The README's first command, shrunk: SmolLM2-135M, Wanda 50%, LoRS 2 steps, merge; with
+    --no-progress nothing but the table reaches the terminal (no bar: ours, the gradient init's,
+    transformers'; no profiler line from the LoRS vs SQFT memory measurement)."""
     out = tmp_path / "demo.json"
     code = cli.main(["demo", "--steps", "2", "--seq-len", "32", "--batch-size", "1",
                      "--eval-tokens", "96", "--max-length", "48", "--calib-samples", "2",
-                     "--init-samples", "1", "--compare-steps", "0", "--no-progress",
+                     "--init-samples", "1", "--compare-steps", "1", "--no-progress",
                      "--json", str(out)])
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()
     assert code == 0, printed.err[-2000:]
+    assert printed.err == "", printed.err[-2000:]
     assert "perplexity, merged" in printed.out
     data = json.loads(out.read_text())
     assert data["steps"] == 2 and data["method"] == "lors" and data["init"] == "gradient"

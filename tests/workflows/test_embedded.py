@@ -10,7 +10,8 @@ import torch
 
 from lors_fx.workflows import embedded
 from lors_fx.workflows.embedded import (SMOLLM2_PIP, EmbeddedAssetMissing, cache_root, load_model,
-                              load_smollm2, smollm2_cache_dir, smollm2_gguf_path)
+                              load_smollm2, load_tokenizer, smollm2_cache_dir,
+                              smollm2_gguf_path)
 
 
 def _hide(monkeypatch, *names):
@@ -50,6 +51,19 @@ def test_load_model_rejects_unknown_names(tmp_path):
         load_model("no-such-model")
     with pytest.raises(TypeError, match="dtype"):
         load_smollm2(dtype="float32", cache_dir=tmp_path)
+
+
+def test_load_tokenizer_from_a_directory_or_a_clear_error(tmp_path):
+    from tests.workflows.test_evaluate import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    assert len(tokenizer) == 257 and tokenizer.eos_token_id == 256
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text('{"model_type": "llama"}')
+    for where in (tmp_path / "weights", tmp_path / "nowhere"):
+        with pytest.raises(FileNotFoundError, match=f"tokenizer: no tokenizer in '{where}'"):
+            load_tokenizer(str(where))
 
 
 def test_hub_offline_is_restored(monkeypatch):

@@ -191,6 +191,12 @@ def _byte_llama():
                                         eos_token_id=256, bos_token_id=256, pad_token_id=256))
 
 
+def test_token_ids_beyond_the_embedding_are_a_clear_error():
+    model = _byte_llama()  # 257 embedding rows
+    with pytest.raises(ValueError, match="token id 300 is outside the model's embedding of 257"):
+        strided_perplexity(model, [1, 2, 300, 4], max_length=4)
+
+
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
 def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -221,7 +227,7 @@ def test_zero_shot_on_local_task_files_matches_hand_scoring(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
-def test_cli_eval_with_adapters_and_local_tasks(tmp_path, monkeypatch):
+def test_cli_eval_with_adapters_and_local_tasks(tmp_path, monkeypatch, capfd):
     from lors_fx import LorsConfig, cli, optimize, save_adapters
     from lors_fx.workflows.prune import magnitude_prune_
 
@@ -235,10 +241,18 @@ def test_cli_eval_with_adapters_and_local_tasks(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Document {i} says hello to the world." for i in range(20)))
     out = tmp_path / "eval.json"
+    capfd.readouterr()  # what the set-up printed
+    monkeypatch.chdir(tmp_path)  # outside a git checkout, where lm-eval's `git describe` fails
     code = cli.main(["eval", str(tmp_path / "base"), "--adapters", str(tmp_path / "adapters"),
                      "--data", str(text), "--max-length", "32", "--tasks", "boolq", "rte",
                      "--tasks-dir", str(DATA), "--no-progress", "--json", str(out)])
-    assert code == 0
+    printed = capfd.readouterr()
+    assert code == 0, printed.err
     data = json.loads(out.read_text())
     assert data["perplexity"]["tokens"] > 0 and data["perplexity"]["perplexity"] > 1
     assert set(data["zero_shot"]) == {"boolq", "rte"}
+    # --no-progress: no bar (ours, transformers', lm-eval's, datasets') and none of lm-eval's
+    # warnings about how lors-fx calls it (an in-memory model, local task files, 0 shots) or
+    # the cwd (not a git checkout)
+    assert printed.err == "", printed.err
+    assert "boolq" in printed.out and "perplexity" in printed.out
