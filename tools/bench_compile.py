@@ -52,6 +52,7 @@ from torch import nn
 from lors_fx._nn import replace_module
 from lors_fx.methods.measure import peak_bytes, saved_bytes
 from lors_fx.compiler import compile_state_of
+from lors_fx.workflows.prune import magnitude_prune_
 
 try:
     from tabulate import tabulate
@@ -75,14 +76,7 @@ def build_model(args, seed: int = 0) -> nn.Module:
         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, use_cache=False,
         max_position_embeddings=max(2048, args.seq))
     model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if type(module) is nn.Linear and not name.endswith("lm_head"):
-                weight = module.weight
-                k = int(weight.shape[1] * args.sparsity)
-                if k > 0:
-                    threshold = weight.abs().kthvalue(k, dim=1, keepdim=True).values
-                    weight.masked_fill_(weight.abs() <= threshold, 0.0)
+    magnitude_prune_(model, args.sparsity)  # per row, every linear but lm_head
     for param in model.parameters():
         param.requires_grad_(False)
     return model

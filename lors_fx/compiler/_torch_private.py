@@ -1,7 +1,9 @@
 """Every private torch API that lors_fx uses, in one small module.
 
-Tested torch range: **2.13.x** (pinned in ``pyproject.toml``; a warning on import outside it). The
-names below carry no stability promise, so a new torch may move them: this is the only file to fix.
+Tested torch range: **2.11 to 2.14** (pinned in ``pyproject.toml``; a warning on import outside
+it). The names below carry no stability promise, so a new torch may move them: this is the only
+file to fix. What differs inside the range is listed in ``_torch_versions.py``; each difference
+is handled in the one function below that needs it.
 
 What is used, and why:
 
@@ -10,7 +12,7 @@ What is used, and why:
 - The min-cut partitioner (``torch._functorch.partitioners.min_cut_rematerialization_partition``)
   and the joint graph's ``primals_*``/``tangents_*`` naming (``_is_primal``/``_is_tangent``).
 - ``node.meta["recompute"]`` (a public :class:`torch.utils.checkpoint.CheckpointPolicy`) and
-  ``node.meta["ac_graph_id"]``, which torch 2.13's min-cut reads (see
+  ``node.meta["ac_graph_id"]``, which the min-cut of torch 2.11-2.14 reads (see
   ``passes/insert_checkpoints.py``): ``MUST_RECOMPUTE``/``PREFER_RECOMPUTE`` force recompute,
   ``MUST_SAVE`` bans it; a must-recompute node feeding one of a larger ``ac_graph_id`` is saved.
 - Inductor's ``compile_fx_inner`` and decomposition table, for ``fw_compiler="inductor"``.
@@ -26,7 +28,8 @@ What is used, and why:
 - The profiler's kineto results (:func:`profiler_memory_events`): the per-allocation sizes of a
   ``profile_memory=True`` run have no public accessor.
 - Dynamo's source names in ``nn_module_stack`` (``L['self'].layers[0]``, ``getattr(...)``) and
-  aot_autograd's ``meta["autograd_backward"]`` on nodes the joint graph traced for backward.
+  aot_autograd's ``meta["autograd_backward"]`` / ``meta["partitioner_tag"]`` on nodes the joint
+  graph traced for backward.
 - Dynamo caches compiled graphs per code object: :func:`fresh_entry_point` gives a forward a code
   object of its own (so models whose forwards share decorator code do not share one cache).
 """
@@ -36,12 +39,14 @@ import contextlib
 import functools
 import re
 import types
-import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx, nn
 from torch.utils.checkpoint import CheckpointPolicy  # public; re-exported for the passes
+
+from lors_fx.compiler._torch_versions import (TESTED_TORCH, LoggingFunctionKey,
+                                              check_torch_version, torch_at_least)
 
 __all__ = [
     "TESTED_TORCH",
@@ -74,28 +79,13 @@ __all__ = [
     "clone_function",
 ]
 
-#: The torch minor version lors_fx is tested against.
-TESTED_TORCH = (2, 13)
 #: ``node.meta`` key the partitioner reads for the checkpoint policy of a node.
 RECOMPUTE_META_KEY = "recompute"
 #: ``node.meta`` key naming the checkpoint region of a node (an int, increasing along the forward).
 AC_GRAPH_ID_META_KEY = "ac_graph_id"
 
 
-def _check_torch_version() -> None:
-    parts = torch.__version__.split("+")[0].split(".")
-    try:
-        version = (int(parts[0]), int(parts[1]))
-    except (IndexError, ValueError):
-        version = None
-    if version != TESTED_TORCH:
-        warnings.warn(f"lors_fx is tested with torch {TESTED_TORCH[0]}.{TESTED_TORCH[1]}.x, found "
-                      f"{torch.__version__}: the compiled path uses private torch APIs "
-                      "(lors_fx/_torch_private.py) that may have changed", RuntimeWarning,
-                      stacklevel=2)
-
-
-_check_torch_version()
+check_torch_version()  # warns once, on import, outside the tested range
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +294,13 @@ def is_view_op(node: fx.Node) -> bool:
 
 def ignore_logging_function(function: Callable) -> None:
     """Make dynamo treat calls of ``function`` (a logger method or logging function) as no-ops
-    instead of graph breaks (``torch._dynamo.config.ignore_logging_functions``; global)."""
+    instead of graph breaks (``torch._dynamo.config.ignore_logging_functions``; global). torch
+    2.11 writes that set into each compile's JSON log: there a :class:`LoggingFunctionKey`."""
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.ignore_logging_functions.add(function)
+    ignored = dynamo_config.ignore_logging_functions
+    if function not in ignored:
+        ignored.add(function if torch_at_least((2, 12)) else LoggingFunctionKey(function))
 
 
 def specialize_floats():
@@ -348,8 +341,12 @@ def module_path_from_source(source: str) -> str:
 
 
 def is_backward_traced(node: fx.Node) -> bool:
-    """True for a joint-graph node that aot_autograd traced while running the backward."""
-    return bool(node.meta.get("autograd_backward"))
+    """True for a joint-graph node that aot_autograd traced while running the backward.
+
+    torch 2.12+ flags it ``meta["autograd_backward"]``; 2.11 does not, but aot_autograd tags every
+    node traced after the forward ``meta["partitioner_tag"] = "is_backward"`` (2.11-2.14)."""
+    return bool(node.meta.get("autograd_backward")) or \
+        node.meta.get("partitioner_tag") == "is_backward"
 
 
 def recompile_limit_at_least(limit: int):
