@@ -4,7 +4,7 @@ Precondition: ``joint_gm`` is aot_autograd's joint graph (forward + backward; ``
 ``tangents_*`` placeholders), as handed to a ``partition_fn``, *before* the min-cut partitioner.
 Forward nodes carry dynamo's ``nn_module_stack``. The pass only writes ``node.meta``.
 
-What torch 2.13's ``min_cut_rematerialization_partition`` does with it: ``meta["recompute"]`` in
+What torch's (2.11 to 2.14) ``min_cut_rematerialization_partition`` does with it: ``meta["recompute"]`` in
 (``MUST_RECOMPUTE``, ``PREFER_RECOMPUTE``) adds an infinite ``X_in -> sink`` edge (recomputed in
 backward, matmuls included: the compute-intensive ban is skipped for must-recompute nodes);
 ``MUST_SAVE`` bans recompute (saved when backward needs it). ``cleanup_recompute_tags`` turns a
