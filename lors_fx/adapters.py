@@ -13,28 +13,27 @@ through the naive plain-torch form that the graph passes recognise and rewrite i
 from __future__ import annotations
 
 import math
-import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lors_fx._collectives import is_sharded
-from lors_fx._nn import is_conv1d, is_linear_like, linear_dims, matches_any, replace_module
+from lors_fx._nn import is_conv1d, replace_module
 from lors_fx.config import LorsConfig
 from lors_fx.ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
                          sparse_lora_linear)
 from lors_fx.sparsity import sparsity_of
+from lors_fx.targets import find_targets
 from lors_fx.state import LorsState, clear_state, set_state, state_of
 
 __all__ = [
     "LorsLinear", "LorsConv1D", "reference_sparse_lora_dropout_form", "find_targets",
-    "attach_adapters", "lors_modules", "is_optimized", "merge_adapters", "detach_adapters",
+    "attach_adapters", "lors_modules", "adapter_forward", "SITE_ATTRIBUTE", "refuse_twice", "is_optimized", "merge_adapters", "detach_adapters",
     "adapter_dtype_for", "non_finite_adapters", "refuse_non_finite_adapters",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -57,6 +56,29 @@ def reference_sparse_lora_dropout_form(x: Tensor, weight: Tensor, lora_A: Tensor
     """
     delta = (scaling * (lora_B @ lora_A)) * (weight != 0)
     return F.linear(x, weight, bias) + F.linear(dropout(x), delta)
+
+
+def adapter_forward(adapter, x: Tensor) -> Tensor:
+    """``x @ (W + s*(B@A)*M).T + bias`` for one adapted layer: a :class:`LorsLinear` /
+    :class:`LorsConv1D`, or the view of a converted PEFT layer (:mod:`lors_fx.peft_adapters`);
+    ``adapter`` gives ``true_weight()``, ``bias``, ``lora_A``, ``lora_B``, ``scaling``,
+    ``lora_dropout``, ``training`` and the op settings. The adapter input is dropped out in
+    training."""
+    weight, bias, s = adapter.true_weight(), adapter.bias, adapter.scaling
+    dropout = adapter.training and isinstance(adapter.lora_dropout, nn.Dropout)
+    # The naive form exists only for the compiler's passes to rewrite: outside a dynamo trace
+    # (eval, generate, a deep copy) it would save W', so the op runs instead.
+    if adapter.emit_reference and torch.compiler.is_compiling():
+        if dropout:
+            return reference_sparse_lora_dropout_form(x, weight, adapter.lora_A, adapter.lora_B,
+                                                      bias, s, adapter.lora_dropout)
+        return reference_sparse_lora_linear(x, weight, adapter.lora_A, adapter.lora_B, bias, s)
+    options = dict(scaling=s, grad_mode=adapter.grad_mode, recompute=adapter.recompute,
+                   chunk_bytes=adapter.chunk_bytes)
+    if dropout:
+        return F.linear(x, weight, bias) + sparse_lora_delta(
+            adapter.lora_dropout(x), weight, adapter.lora_A, adapter.lora_B, **options)
+    return sparse_lora_linear(x, weight, adapter.lora_A, adapter.lora_B, bias=bias, **options)
 
 
 class _LorsMixin:
@@ -103,24 +125,8 @@ class _LorsMixin:
         """The weight as ``(d_out, d_in)`` (a transposed view for Conv1D)."""
         raise NotImplementedError
 
-    def _uses_dropout(self) -> bool:
-        return self.training and isinstance(self.lora_dropout, nn.Dropout)
-
     def _adapted(self, x: Tensor) -> Tensor:
-        weight, bias, s = self.true_weight(), self.bias, self.scaling
-        # The naive form exists only for the compiler's passes to rewrite: outside a dynamo trace
-        # (eval, generate, a deep copy) it would save W', so the op runs instead.
-        if self.emit_reference and torch.compiler.is_compiling():
-            if self._uses_dropout():
-                return reference_sparse_lora_dropout_form(x, weight, self.lora_A, self.lora_B,
-                                                          bias, s, self.lora_dropout)
-            return reference_sparse_lora_linear(x, weight, self.lora_A, self.lora_B, bias, s)
-        options = dict(scaling=s, grad_mode=self.grad_mode, recompute=self.recompute,
-                       chunk_bytes=self.chunk_bytes)
-        if self._uses_dropout():
-            return F.linear(x, weight, bias) + sparse_lora_delta(
-                self.lora_dropout(x), weight, self.lora_A, self.lora_B, **options)
-        return sparse_lora_linear(x, weight, self.lora_A, self.lora_B, bias=bias, **options)
+        return adapter_forward(self, x)
 
     def _adapter_repr(self) -> str:
         weight = self.true_weight()
@@ -179,100 +185,26 @@ class LorsConv1D(_LorsMixin, nn.Module):
 
 
 _LORS_TYPES = (LorsLinear, LorsConv1D)
+#: ``module.__dict__`` key of a converted PEFT layer's LoRS view (:mod:`lors_fx.peft_adapters`).
+SITE_ATTRIBUTE = "_lors_peft_site"
 
 
 def lors_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """``{fqn: module}`` of every :class:`LorsLinear` / :class:`LorsConv1D` in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _LORS_TYPES)}
+    """``{fqn: adapter}`` of every adapted layer in ``model``: each :class:`LorsLinear` /
+    :class:`LorsConv1D`, and the LoRS view of each converted PEFT LoRA layer (under the PEFT
+    layer's name; it has the same attributes: ``lora_A``, ``lora_B``, ``scaling``, ``r``, ...)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _LORS_TYPES):
+            found[name] = module
+        elif SITE_ATTRIBUTE in module.__dict__:
+            found[name] = module.__dict__[SITE_ATTRIBUTE]
+    return found
 
 
 def is_optimized(model: nn.Module) -> bool:
     """True when ``model`` carries LoRS adapters."""
     return bool(lors_modules(model))
-
-
-def _describe(rows: List[Tuple[str, float]], limit: int = 8) -> str:
-    text = ", ".join(f"{name} ({sparsity:.2f})" for name, sparsity in rows[:limit])
-    return text + (f", ... ({len(rows) - limit} more)" if len(rows) > limit else "")
-
-
-def find_targets(model: nn.Module, config: LorsConfig) -> List[Tuple[str, nn.Module]]:
-    """The ``(fqn, module)`` pairs that ``config`` adapts, validated; raises on bad input.
-
-    ``config.target_modules``: ``None`` = every ``nn.Linear``/``Conv1D`` whose sparsity is at
-    least ``config.min_sparsity``; a list = names matched against the end of each qualified name
-    (PEFT); a string = a regex that must match the whole qualified name. ``exclude_modules``
-    (suffixes) are never adapted. A named target that is dense, a name that matches no linear,
-    a non-float weight or ``r > min(d_in, d_out)`` is an error.
-    """
-    if not isinstance(config, LorsConfig):
-        raise TypeError(f"config must be a LorsConfig, got {type(config).__name__}")
-    present = lors_modules(model)
-    if present:
-        raise RuntimeError(f"optimize called twice: the model already has LoRS adapters (e.g. "
-                           f"{next(iter(present))}); merge(model) or start from a fresh model")
-    linears = [(name, m) for name, m in model.named_modules() if is_linear_like(m)]
-    excluded = lambda fqn: matches_any(fqn, config.exclude_modules)
-    spec = config.target_modules
-
-    def sparsity(module):
-        weight = module.weight
-        if weight.device.type == "meta":
-            raise ValueError("find_targets: model is on the meta device; materialize it first")
-        return sparsity_of(weight.detach())
-
-    if spec is None:
-        seen = [(name, sparsity(m)) for name, m in linears]
-        sparse = {name for name, value in seen if value >= config.min_sparsity}
-        chosen = [(name, m) for name, m in linears if name in sparse and not excluded(name)]
-        if not chosen:
-            raise ValueError(f"no target found: no linear module has sparsity >= "
-                             f"{config.min_sparsity} (excluding {config.exclude_modules}); seen: "
-                             f"{_describe(seen) or 'no nn.Linear/Conv1D at all'}")
-    else:
-        chosen = _named_targets(linears, spec, excluded, sparsity, config)
-    for name, module in chosen:
-        _check_target(name, module, config)
-    return chosen
-
-
-def _named_targets(linears, spec, excluded, sparsity, config: LorsConfig):
-    """The linears ``spec`` names (a regex string or a list of name suffixes), which must all be
-    sparse; raises on a name that matches nothing."""
-    if isinstance(spec, str):
-        pattern = re.compile(spec)
-        chosen = [(n, m) for n, m in linears if pattern.fullmatch(n) and not excluded(n)]
-        if not chosen:
-            raise ValueError(f"no target found: regex {spec!r} matches no linear module "
-                             f"(linears: {_describe([(n, sparsity(m)) for n, m in linears])})")
-    else:
-        unknown = [name for name in spec if not any(matches_any(n, [name]) for n, _ in linears)]
-        if unknown:
-            existing = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-            raise ValueError(f"unknown target module(s) {unknown}: no nn.Linear/Conv1D has "
-                             f"that name; linear names in this model: {existing}")
-        chosen = [(n, m) for n, m in linears if matches_any(n, spec) and not excluded(n)]
-        if not chosen:
-            raise ValueError(f"no target found: {spec} only match excluded modules "
-                             f"{config.exclude_modules}")
-    dense = [(n, sparsity(m)) for n, m in chosen if sparsity(m) < config.min_sparsity]
-    if dense:
-        raise ValueError(f"target module(s) are dense (sparsity < min_sparsity="
-                         f"{config.min_sparsity}): {_describe(dense)}; LoRS adapts pruned "
-                         f"linears only (lower min_sparsity or drop them from target_modules)")
-    return chosen
-
-
-def _check_target(name: str, module: nn.Module, config: LorsConfig) -> None:
-    if module.weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"target {name} has a {module.weight.dtype} weight: LoRS needs a "
-                        f"float weight (dequantize integer/quantized modules first)")
-    d_out, d_in = linear_dims(module)
-    if config.r > min(d_in, d_out):
-        raise ValueError(f"r={config.r} is larger than min(d_in, d_out)={min(d_in, d_out)} "
-                         f"of target {name} ({d_out}x{d_in})")
-    if name == "":
-        raise ValueError("the model itself is a linear: wrap it in a container module")
 
 
 def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
@@ -282,6 +214,7 @@ def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
     the previous ``requires_grad`` flags in the model's :class:`lors_fx.state.LorsState` and returns
     the adapted module names.
     """
+    refuse_twice(model)
     targets = find_targets(model, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
@@ -295,10 +228,20 @@ def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
     return [name for name, _ in targets]
 
 
+def refuse_twice(model: nn.Module) -> None:
+    """Raise when ``model`` already carries LoRS adapters (optimize called twice)."""
+    present = lors_modules(model)
+    if present:
+        raise RuntimeError(f"optimize called twice: the model already has LoRS adapters (e.g. "
+                           f"{next(iter(present))}); merge(model) or start from a fresh model")
+
+
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Only ``lora_A``/``lora_B`` train (PEFT's ``bias="none"``)."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+    """Only the adapters' ``lora_A``/``lora_B`` train (PEFT's ``bias="none"``)."""
+    trainable = {id(getattr(m, part)) for m in lors_modules(model).values()
+                 for part in ("lora_A", "lora_B")}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
 
 
 def _plain_module(module: nn.Module) -> nn.Module:
@@ -339,7 +282,10 @@ def detach_adapters(model: nn.Module) -> nn.Module:
     :func:`lors_fx.api.remove_adapters` is the public form."""
     _refuse_sharded(model, "remove_adapters")
     for name, module in lors_modules(model).items():
-        replace_module(model, name, _plain_module(module))
+        if isinstance(module, _LORS_TYPES):
+            replace_module(model, name, _plain_module(module))
+        else:  # a converted PEFT layer: PEFT's own forward back
+            module.uninstall()
     _restore(model)
     return model
 

@@ -22,6 +22,7 @@ from lors_fx.compiler import compile_model, decompile_model, is_compiled
 from lors_fx.config import LorsConfig
 from lors_fx.distributed.fsdp import attach_sharded
 from lors_fx.init import gradient_init
+from lors_fx.peft_adapters import convert_peft_layers, has_peft_layers, merge_peft
 from lors_fx.serialization import load_adapter_config, load_adapters
 
 __all__ = ["optimize", "merge", "remove_adapters", "restore_adapters", "is_optimized",
@@ -40,8 +41,15 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     On a model already sharded by FSDP2 the adapters are attached in place and sharded, and they
     run the eager op (with a warning if ``compile=True``; see :mod:`lors_fx.distributed`).
 
+    A PEFT model (LoRA layers from ``get_peft_model``, ``PeftModel.from_pretrained`` or
+    ``model.add_adapter``) is converted instead (:func:`lors_fx.peft_adapters.convert_peft_layers`):
+    each PEFT LoRA layer on a sparse base runs the masked LoRS op on PEFT's own ``lora_A`` /
+    ``lora_B``, so ``peft_model.save_pretrained`` and PEFT's optimizer groups keep working; ``r``,
+    ``lora_alpha`` and dropout are PEFT's, ``target_modules`` must be None.
+
     Args:
-        model: a PyTorch / HF model with pruned ``nn.Linear`` (or GPT-2 ``Conv1D``) layers.
+        model: a PyTorch / HF model with pruned ``nn.Linear`` (or GPT-2 ``Conv1D``) layers, or a
+            PEFT model on such a base.
         config: a :class:`LorsConfig` (default ``LorsConfig()``).
         compile: compile with the lors torch.compile backend (``False``: eager custom op).
         init_data: batches for the gradient init (required iff ``config.init == "gradient"``).
@@ -58,6 +66,8 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     if config.init != "gradient" and init_data is not None:
         raise ValueError("optimize: init_data is only used with config.init='gradient' "
                          f"(config.init={config.init!r})")
+    if has_peft_layers(model):
+        return _optimize_peft(model, config, compile, init_data, loss_fn)
     if is_sharded(model):  # FSDP2 already sharded it (order B in lors_fx.distributed)
         attach_sharded(model, config)  # checks everything before it changes the model
         if config.init == "gradient":  # every rank's batches; G summed on the first rank
@@ -70,6 +80,11 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
                           RuntimeWarning, stacklevel=2)
         return model
     attach_adapters(model, config)
+    return _initialize(model, config, compile, init_data, loss_fn)
+
+
+def _initialize(model, config, compile, init_data, loss_fn) -> nn.Module:
+    """Gradient init and compile of freshly attached adapters; removes them on any failure."""
     try:
         if config.init == "gradient":
             gradient_init(model, init_data, loss_fn=loss_fn, config=config)
@@ -81,8 +96,25 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     return model
 
 
+def _optimize_peft(model, config, compile, init_data, loss_fn) -> nn.Module:
+    """:func:`optimize` on a model with PEFT LoRA layers: convert them in place."""
+    if config.convert_peft is False:
+        raise ValueError("optimize: the model has PEFT LoRA layers and convert_peft=False; "
+                         "PEFT's dense B@A would break the sparsity on merge. Leave "
+                         "convert_peft at its default (PEFT's layers become masked LoRS "
+                         "adapters) or merge PEFT's adapters first (merge_and_unload)")
+    if is_sharded(model):
+        raise ValueError("optimize: a PEFT model sharded with FSDP2 is not supported; call "
+                         "optimize before sharding, or use lors_fx adapters on the plain model")
+    convert_peft_layers(model, config)
+    return _initialize(model, config, compile, init_data, loss_fn)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight and drop the adapters; returns ``model``.
+    """Fold ``W' = W + s*(B@A)*M`` into each adapted weight and drop the adapters; returns ``model``
+    (for a PEFT model: the plain base model, as PEFT's ``merge_and_unload``; see
+    :func:`lors_fx.peft_adapters.merge_peft`: every PEFT layer on a sparse base is merged under
+    the mask, converted or not).
 
     A compiled model gets its original forward back first. Uses
     :func:`lors_fx.ops.build_merged_weight` (float32, cast back; the zero pattern is kept bit for
@@ -93,6 +125,10 @@ def merge(model: nn.Module) -> nn.Module:
     """
     if not is_sharded(model):  # a sharded model is refused by merge_adapters
         refuse_non_finite_adapters(model)  # before decompiling: a refused merge changes nothing
+    if has_peft_layers(model):
+        if is_compiled(model):
+            decompile_model(model)
+        return merge_peft(model)
     if is_optimized(model) and is_compiled(model):
         decompile_model(model)
     return merge_adapters(model)

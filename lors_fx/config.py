@@ -77,7 +77,10 @@ class LorsConfig:
         min_sparsity: a linear is "sparse" (a target) when at least this fraction of its weight is 0.
         checkpoint: activation-checkpoint policy of the compiled path: ``"none"``, ``"block"``,
             ``"every:k"`` or ``"budget:<bytes>"``.
-        convert_peft: let the compiler rewrite PEFT LoRA on sparse bases to the masked form.
+        convert_peft: PEFT LoRA layers on sparse bases become the masked LoRS form. ``None``
+            (default) = on: :func:`lors_fx.optimize` converts a PEFT model's layers in place, and
+            the ``lors`` backend's ``convert_peft_lora`` pass rewrites PEFT's sum in a graph;
+            ``False`` turns the pass off, and ``optimize`` refuses a PEFT model.
         fw_compiler / bw_compiler: ``"eager"`` or ``"inductor"`` for the compiled path.
         adapter_dtype: ``"float32"`` (default): float32 adapters on a float16/bfloat16 base (as
             PEFT's ``autocast_adapter_dtype``: half-precision adapters lose small AdamW updates and
@@ -99,7 +102,7 @@ class LorsConfig:
     init_mask_gradient: bool = False
     min_sparsity: float = 0.25
     checkpoint: str = "none"
-    convert_peft: bool = False
+    convert_peft: Optional[bool] = None
     fw_compiler: str = "eager"
     bw_compiler: str = "eager"
     adapter_dtype: str = "float32"
@@ -149,9 +152,11 @@ class LorsConfig:
         for name in ("fw_compiler", "bw_compiler"):
             if getattr(self, name) not in COMPILERS:
                 fail(name, f"must be one of {COMPILERS}, got {getattr(self, name)!r}")
-        for name in ("use_rslora", "recompute", "init_mask_gradient", "convert_peft"):
+        for name in ("use_rslora", "recompute", "init_mask_gradient"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be a bool, got {getattr(self, name)!r}")
+        if self.convert_peft is not None and not isinstance(self.convert_peft, bool):
+            fail("convert_peft", f"must be None or a bool, got {self.convert_peft!r}")
 
     @property
     def scaling(self) -> float:

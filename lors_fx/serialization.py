@@ -1,7 +1,15 @@
 """Save and load adapters in PEFT's layout: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
-Keys read like PEFT's (``base_model.model.<module>.lora_A.weight``), so the files can be inspected
+Keys read like PEFT's (``base_model.model.<module>.lora_A.weight``, with ``<module>`` the name in
+the base model, also when the adapters are converted PEFT layers), so the files can be inspected
 with the usual tools. Only safetensors is read: pickle files are refused (they can run code).
+
+PEFT and these files: ``adapter_config.json`` says ``peft_type`` = :data:`LORS_PEFT_TYPE`, a
+string that PEFT does not know, so ``PeftModel.from_pretrained`` refuses the directory with a
+``KeyError`` whose text says to use ``lors_fx.restore_adapters`` (as LoRA, PEFT would apply the
+update densely). The other way round works: :func:`load_adapter_config` and :func:`load_adapters`
+read a directory PEFT wrote for a LoRA adapter (``peft_type`` ``"LORA"``: ``save_pretrained``, an
+HF Trainer checkpoint), so :func:`lors_fx.restore_adapters` rebuilds it as LoRS adapters.
 
 Adapters only make sense on the zero pattern they were trained on, so :func:`save_adapters` also
 records a fingerprint of each adapted base weight's mask (:func:`mask_fingerprint`: a hash of the
@@ -28,9 +36,11 @@ from lors_fx._collectives import full_tensor
 from lors_fx._version import __version__
 from lors_fx.adapters import lors_modules
 from lors_fx.config import LorsConfig
+from lors_fx.peft_adapters import PeftSite, plain_name
 from lors_fx.state import state_of
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "FINGERPRINT_KEY", "save_adapters",
+__all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "FINGERPRINT_KEY", "LORS_PEFT_TYPE",
+           "save_adapters",
            "load_adapters", "load_adapter_config", "mask_fingerprint", "read_mask_fingerprint"]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,6 +51,14 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FINGERPRINT_KEY = "lors_mask_fingerprint"
 _FINGERPRINT_ALGORITHM = "sha256-packbits-rows-v1"
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order: first element = high bit
+#: ``peft_type`` written to ``adapter_config.json``: PEFT shows it in the error it raises.
+LORS_PEFT_TYPE = ("LORS: lors_fx sparsity-preserving adapters, which PEFT cannot apply (B@A must "
+                  "be masked by the base's zero pattern); load them with "
+                  "lors_fx.restore_adapters(model, path)")
+_LORS_TYPES = ("LORS", LORS_PEFT_TYPE)  # "LORS": what earlier versions wrote
+#: PEFT LoraConfig fields whose non-default values LoRS adapters cannot represent.
+_PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "rank_pattern": {},
+                     "alpha_pattern": {}, "modules_to_save": None}
 
 
 def _module_digest(weight: torch.Tensor) -> str:
@@ -64,7 +82,7 @@ def mask_fingerprint(model: nn.Module) -> Optional[dict]:
     modules = lors_modules(model)
     if any(hasattr(m.weight, "ds_id") and m.weight.numel() == 0 for m in modules.values()):
         return None
-    hashes = {name: _module_digest(module.weight) for name, module in modules.items()}
+    hashes = {plain_name(name): _module_digest(module.weight) for name, module in modules.items()}
     whole = hashlib.sha256("".join(f"{n}={h}\n" for n, h in sorted(hashes.items())).encode())
     return {"algorithm": _FINGERPRINT_ALGORITHM, "modules": hashes, "digest": whole.hexdigest()}
 
@@ -119,16 +137,17 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
                                  f"gathered); use lors_fx.distributed.deepspeed."
                                  f"save_adapters_deepspeed(engine, path)")
             gathered = gathered or hasattr(param, "full_tensor")
-            tensors[f"{_KEY_PREFIX}{name}.{part}.weight"] = full_tensor(param).detach().to("cpu").contiguous()
+            key = f"{_KEY_PREFIX}{plain_name(name)}.{part}.weight"
+            tensors[key] = full_tensor(param).detach().to("cpu").contiguous()
     fingerprint = mask_fingerprint(model)  # a collective on a sharded model, like the gather
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    names = [plain_name(name) for name in modules]
     if distributed and torch.distributed.get_rank() != 0:
         if gathered:  # every rank is here: return once rank 0 has written the files
             torch.distributed.barrier()
-        return list(modules)
-    meta = config.to_dict()
-    meta.update(peft_type="LORS", target_modules=list(modules), lors_fx_version=__version__,
-                scaling=config.scaling)
+        return names
+    meta = _config_of(config, modules)
+    meta.update(peft_type=LORS_PEFT_TYPE, target_modules=names, lors_fx_version=__version__)
     os.makedirs(path, exist_ok=True)
     metadata = {"format": "pt"}
     if fingerprint is not None:
@@ -139,7 +158,27 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
         handle.write("\n")
     if distributed and gathered:
         torch.distributed.barrier()
-    return list(modules)
+    return names
+
+
+def _config_of(config: LorsConfig, modules: Dict[str, nn.Module]) -> dict:
+    """The config to save: the state's; for converted PEFT layers ``r``, ``lora_alpha`` and
+    dropout are PEFT's (one value for all layers, or an error)."""
+    meta = config.to_dict()
+    first = next(iter(modules.values()))
+    if isinstance(first, PeftSite):
+        values = {(m.r, m.scaling, float(getattr(m.lora_dropout, "p", 0.0)))
+                  for m in modules.values()}
+        if len(values) > 1:
+            raise ValueError(f"save_adapters: the PEFT layers differ in (r, scaling, dropout): "
+                             f"{sorted(values)}; one adapter_config.json holds one setting "
+                             f"(peft_model.save_pretrained keeps PEFT's rank_pattern)")
+        r, scaling, dropout = values.pop()
+        meta.update(r=r, lora_alpha=scaling * r, use_rslora=False, lora_dropout=dropout,
+                    convert_peft=None)
+    meta["scaling"] = LorsConfig.from_dict({k: v for k, v in meta.items()
+                                            if k != "scaling"}).scaling
+    return meta
 
 
 def _resolve_files(path: str) -> Tuple[str, str]:
@@ -190,9 +229,15 @@ def _read_weights(path: str, who: str) -> Tuple[Dict[str, torch.Tensor], Dict[st
 
 def load_adapter_config(path: str) -> LorsConfig:
     """The :class:`LorsConfig` saved by :func:`save_adapters` (``target_modules`` = the exact
-    adapted names), to rebuild the same adapters on a fresh model before :func:`load_adapters`."""
-    _, config_path = _resolve_files(path)
+    adapted names), to rebuild the same adapters on a fresh model before :func:`load_adapters`.
+    A PEFT LoRA directory (``peft_type`` ``"LORA"``) gives the config of the same adapters as LoRS
+    adapters: PEFT's ``r``, ``lora_alpha``, ``use_rslora`` and ``lora_dropout``, and the modules
+    its weight file holds; PEFT options LoRS cannot represent (DoRA, ``lora_bias``,
+    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) are refused."""
+    weights, config_path = _resolve_files(path)
     saved = _read_json(config_path, "load_adapter_config")
+    if saved.get("peft_type") == "LORA":
+        return _config_from_peft(saved, weights, config_path)
     for key in ("peft_type", "lors_fx_version", "scaling"):
         saved.pop(key, None)
     try:
@@ -202,16 +247,63 @@ def load_adapter_config(path: str) -> LorsConfig:
         raise kind(f"load_adapter_config: {config_path}: {error}") from error
 
 
-def _check_config(saved: dict, modules: Dict[str, nn.Module], config_path: str) -> None:
-    """The saved ``adapter_config.json`` describes the adapters on ``modules``."""
-    if saved.get("peft_type") != "LORS":
-        raise ValueError(f"load_adapters: {config_path} has peft_type={saved.get('peft_type')!r}, "
-                         f"expected 'LORS'")
-    saved_targets = set(saved.get("target_modules") or [])
-    if saved_targets != set(modules):
+def _peft_module_names(keys, weights: str) -> List[str]:
+    """The module names of a PEFT LoRA weight file's keys; other keys are an error."""
+    names = set()
+    for key in keys:
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            if key.startswith(_KEY_PREFIX) and key.endswith(part):
+                names.add(key[len(_KEY_PREFIX):-len(part)])
+                break
+        else:
+            raise ValueError(f"load_adapter_config: {weights} holds {key!r}, which is not a "
+                             f"LoRA lora_A/lora_B weight (embedding adapters, modules_to_save "
+                             f"copies and biases are not LoRS adapters)")
+    return sorted(names)
+
+
+def _config_from_peft(saved: dict, weights: str, config_path: str) -> LorsConfig:
+    """A :class:`LorsConfig` for the LoRA adapters PEFT saved in ``saved`` / ``weights``."""
+    for key, default in _PEFT_UNSUPPORTED.items():
+        if saved.get(key) not in (default, None, False, {}, []):
+            raise ValueError(f"load_adapter_config: {config_path} sets {key}={saved[key]!r}; "
+                             f"LoRS adapters cannot represent that PEFT option")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:  # SafetensorError (truncated, garbage), OSError
+        raise ValueError(f"load_adapter_config: {weights} is not a readable safetensors file: "
+                         f"{type(error).__name__}: {error}") from error
+    fields = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"),
+                  use_rslora=bool(saved.get("use_rslora", False)),
+                  lora_dropout=float(saved.get("lora_dropout") or 0.0),
+                  target_modules=_peft_module_names(keys, weights), exclude_modules=[])
+    try:
+        return LorsConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"load_adapter_config: {config_path}: {error}") from error
+
+
+def _check_targets(saved_targets: set, modules: Dict[str, nn.Module]) -> None:
+    names = {plain_name(name) for name in modules}
+    if saved_targets != names:
         raise ValueError(f"load_adapters: target modules differ: only in file "
-                         f"{sorted(saved_targets - set(modules))}, only in model "
-                         f"{sorted(set(modules) - saved_targets)}")
+                         f"{sorted(saved_targets - names)}, only in model "
+                         f"{sorted(names - saved_targets)}")
+
+
+def _check_config(saved: dict, modules: Dict[str, nn.Module], config_path: str,
+                  weights_path: str) -> None:
+    """The saved ``adapter_config.json`` describes the adapters on ``modules``."""
+    if saved.get("peft_type") == "LORA":  # PEFT's own file: the keys name the modules
+        saved["scaling"] = _config_from_peft(saved, weights_path, config_path).scaling
+    elif saved.get("peft_type") not in _LORS_TYPES:
+        raise ValueError(f"load_adapters: {config_path} has peft_type={saved.get('peft_type')!r}, "
+                         f"expected a lors_fx or a PEFT LoRA adapter")
+    else:
+        _check_targets(set(saved.get("target_modules") or []), modules)
     for name, module in modules.items():
         if saved.get("r") != module.r:
             raise ValueError(f"load_adapters: r={saved.get('r')} in file but {module.r} on {name}")
@@ -225,7 +317,8 @@ def _check_fingerprint(model: nn.Module, saved: Optional[dict], weights_path: st
     """Refuse a base whose zero pattern differs from the saved fingerprint's (first module
     named); without a saved fingerprint (older files) only warn."""
     if saved is None or saved.get("algorithm") != _FINGERPRINT_ALGORITHM:
-        why = ("has no mask fingerprint (written by an older lors_fx, or under ZeRO-3)"
+        why = ("has no mask fingerprint (a PEFT adapter, written by an older lors_fx, or under "
+               "ZeRO-3)"
                if saved is None else f"has a mask fingerprint of unknown kind "
                f"{saved.get('algorithm')!r}")
         warnings.warn(f"load_adapters: {weights_path} {why}; the base's zero pattern is not "
@@ -253,16 +346,17 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
     adapters were trained on (the saved :func:`mask_fingerprint`; files without one load with a
     warning); every key, shape and mask is checked before anything is copied, so a failed load
     changes nothing. Unreadable files (truncated, not JSON) are errors that name the file.
-    Pickle files are refused. Returns the names of the modules loaded.
+    Pickle files are refused. A directory PEFT wrote for a LoRA adapter loads too (no
+    fingerprint there: the pattern is not checked). Returns the names of the modules loaded.
     """
     weights_path, config_path = _resolve_files(path)
     modules = lors_modules(model)
     if not modules:
         raise ValueError("load_adapters: model has no LoRS adapters; call optimize(model, config) "
                          "with the saved adapter_config.json's settings first")
-    _check_config(_read_json(config_path, "load_adapters"), modules, config_path)
+    _check_config(_read_json(config_path, "load_adapters"), modules, config_path, weights_path)
     tensors, metadata = _read_weights(weights_path, "load_adapters")
-    expected = {f"{_KEY_PREFIX}{name}.{part}.weight": getattr(module, part)
+    expected = {f"{_KEY_PREFIX}{plain_name(name)}.{part}.weight": getattr(module, part)
                 for name, module in modules.items() for part in ("lora_A", "lora_B")}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -217,7 +217,9 @@ def module_fqn_of(weight_fqn: Optional[str], node: Optional[fx.Node] = None) -> 
     """Module FQN of a site: the weight's FQN without ``.weight``, else the innermost entry of
     ``nn_module_stack`` (as a plain FQN)."""
     if weight_fqn:
-        return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
+        fqn = weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
+        # a PEFT layer's base: the site is the PEFT layer, as lors_fx.lors_modules names it
+        return fqn[: -len(".base_layer")] if fqn.endswith(".base_layer") else fqn
     stack = node.meta.get("nn_module_stack") if node is not None else None
     if stack:
         return module_path_from_source(list(stack.values())[-1][0])

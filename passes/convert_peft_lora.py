@@ -24,15 +24,18 @@ linear stays and only the adapter branch is replaced (the two-product form)::
     %result_1 = call_function[operator.add](%result, %delta)
 
 THIS CHANGES THE FORWARD: PEFT's dense update ``W + s*B@A`` becomes the masked
-``W + s*(B@A)*M`` (``M = W != 0``), so the pruned zeros stay zero. Hence opt-in
-(``config.convert_peft``); every conversion is recorded in ``details`` and ``ctx.notes``.
+``W + s*(B@A)*M`` (``M = W != 0``), so the pruned zeros stay zero. On unless
+``config.convert_peft is False`` (the default ``None`` means on, as for
+:func:`lors_fx.optimize` on a PEFT model); every conversion is recorded in ``details`` and
+``ctx.notes``.
 
 Precondition: torch IR before ``aot_autograd``; the base weight's real value is known, it is
 frozen, and at least ``config.min_sparsity`` sparse. The adapter branch's nodes (and, with
 identity dropout, the base linear) have no other users. ``call_module`` linears of
 ``symbolic_trace`` are accepted too.
 
-Count: PEFT LoRA branches converted (0, with a "disabled" detail, unless ``convert_peft``).
+Count: PEFT LoRA branches converted (0, with a "disabled" detail, when ``convert_peft`` is
+False).
 """
 from __future__ import annotations
 
@@ -47,16 +50,16 @@ __all__ = ["convert_peft_lora"]
 
 
 @register_pass("forward", order=20,
-               enabled=lambda config: bool(getattr(config, "convert_peft", False)))
+               enabled=lambda config: getattr(config, "convert_peft", None) is not False)
 def convert_peft_lora(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite PEFT LoRA sums on sparse bases into the LoRS op (only with ``convert_peft``).
 
     ``details``: ``converted`` (module FQNs), ``two_product`` (those kept as base + delta because
     of a real dropout), ``changes_forward`` (True when anything was converted), or ``disabled``.
     """
-    if ctx.config is None or not getattr(ctx.config, "convert_peft", False):
+    if ctx.config is None or getattr(ctx.config, "convert_peft", None) is False:
         return PassResult("convert_peft_lora", 0,
-                          details={"disabled": "config.convert_peft is False (opt-in)"})
+                          details={"disabled": "config.convert_peft is False"})
     grad_mode = op_settings(ctx)[0]
     converted, two_product, gone = [], [], set()
     for add in list(gm.graph.nodes):

@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors_fx import (LorsConfig, LorsConv1D, LorsLinear, attach_adapters, load_adapter_config,
-                     load_adapters, merge, save_adapters)
+                     load_adapters, merge, restore_adapters, save_adapters)
 from lors_fx.adapters import lors_modules, reference_sparse_lora_dropout_form
 from lors_fx.ops import reference_sparse_lora_linear
 from lors_fx.state import state_of
+from lors_fx.serialization import LORS_PEFT_TYPE
 from lors_fx.testing.toy import build_toy_llama
 from tests._toy import assert_unchanged, randomize_adapters, snapshot, sparse_mlp, tiny_gpt2
 
@@ -229,6 +230,19 @@ def test_merge_restores_requires_grad_and_errors_without_adapters():
         merge(model)
 
 
+def test_files_from_earlier_versions_with_peft_type_lors_still_load(tmp_path):
+    model = _optimized()
+    randomize_adapters(model, 5)
+    save_adapters(model, str(tmp_path))
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["peft_type"] = "LORS"  # what lors_fx wrote before the descriptive type
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    fresh = build_toy_llama(seed=0)
+    restore_adapters(fresh, str(tmp_path))
+    for name, module in lors_modules(model).items():
+        assert torch.equal(module.lora_B, fresh.get_submodule(name).lora_B)
+
+
 def _optimized(targets=None, r=4, seed=0):
     model = build_toy_llama(seed=seed)
     attach_adapters(model, LorsConfig(r=r, target_modules=targets))
@@ -243,7 +257,8 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     assert sorted(tensors) == sorted(f"base_model.model.{n}.{p}.weight" for n in written
                                      for p in ("lora_A", "lora_B"))
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["peft_type"] == "LORS" and meta["target_modules"] == written and meta["r"] == 4
+    assert meta["peft_type"] == LORS_PEFT_TYPE and meta["target_modules"] == written
+    assert meta["r"] == 4
     assert "lors_fx_version" in meta
     config = load_adapter_config(str(tmp_path))
     assert config.target_modules == written and config.r == 4
@@ -298,7 +313,6 @@ def test_load_errors_change_nothing(tmp_path):
 
 
 def test_restore_adapters_of_a_gradient_init_run_needs_no_data(tmp_path):
-    from lors_fx import restore_adapters
 
     model = _optimized()
     randomize_adapters(model, 6)

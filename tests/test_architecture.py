@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: API, so it sits in the api layer.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("leaves", ("lors_fx._version", "lors_fx.config", "lors_fx.ops", "lors_fx._nn",
-                "lors_fx._collectives")),
-    ("core", ("lors_fx.state", "lors_fx.sparsity", "lors_fx.adapters", "lors_fx.init",
+                "lors_fx._collectives", "lors_fx.semi_structured")),
+    ("core", ("lors_fx.state", "lors_fx.sparsity", "lors_fx.targets", "lors_fx.adapters",
+              "lors_fx.peft_adapters", "lors_fx.init",
               "lors_fx.serialization")),
     ("compiler", ("lors_fx.compiler", "lors_fx.passes")),
     ("distributed", ("lors_fx.distributed", "lors_fx.deepspeed_engine")),

@@ -48,7 +48,7 @@ from lors_fx.config import LorsConfig, parse_checkpoint_policy
     (dict(init_samples=True), "init_samples"),
     (dict(use_rslora=1), "use_rslora"),
     (dict(recompute="yes"), "recompute"),
-    (dict(convert_peft=None), "convert_peft"),
+    (dict(convert_peft="yes"), "convert_peft"),
     (dict(init_mask_gradient=0), "init_mask_gradient"),
     (dict(adapter_dtype="float16"), "adapter_dtype"),
     (dict(adapter_dtype=None), "adapter_dtype"),

@@ -82,8 +82,8 @@ def test_passes_view_counts_matches_and_hides_the_capture(full_run):
     assert re.search(r"^\s+0\s+annotate_sparse_linears\s+14\s+0\s+0\s", out, re.M)
     assert re.search(r"^\s+0\s+rewrite_masked_adapters\s+14\s+14\s+\d+\s", out, re.M)
     assert "capture_before" not in out
-    assert [p["name"] for p in full_run["data"]["passes"]] == ["annotate_sparse_linears",
-                                                              "rewrite_masked_adapters"]
+    assert [p["name"] for p in full_run["data"]["passes"]] == [
+        "annotate_sparse_linears", "convert_peft_lora", "rewrite_masked_adapters"]
 
 
 def test_saved_view_and_json_show_w_eff_only_before(full_run):

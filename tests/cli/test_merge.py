@@ -101,3 +101,40 @@ def test_merge_refuses_another_pruning_of_the_same_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "zero pattern differs" in err and "first at model.layers.1.mlp.down_proj" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_takes_a_directory_peft_saved(tmp_path, toy_llama):
+    """A PEFT user's adapters (save_pretrained of a PEFT model trained with lors_fx) merge from
+    the command line into a sparse plain model that computes what the PEFT model computed."""
+    import pytest
+
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install "
+                                              "'lors-fx[dev]')")
+    from transformers import AutoModelForCausalLM
+
+    toy_llama.save_pretrained(tmp_path / "base")
+    base_weights = _linear_weights(toy_llama)
+    model = peft.get_peft_model(toy_llama, peft.LoraConfig(r=4, lora_alpha=8,
+                                                           target_modules=["q_proj", "up_proj"]))
+    optimize(model, LorsConfig(), compile=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted_logits = model(input_ids=ids).logits
+
+    code = cli.main(["merge", str(tmp_path / "base"), str(tmp_path / "peft"), "--no-progress",
+                     "--out", str(tmp_path / "merged"), "--json", str(tmp_path / "audit.json")])
+    assert code == 0
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] and audit["new_nonzeros"] == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted_logits,
+                                   atol=2e-5, rtol=1e-5)
+    for name, weight in _linear_weights(merged).items():
+        assert torch.equal(weight == 0, base_weights[name] == 0), name

@@ -1,4 +1,5 @@
-"""convert_peft_lora: Before (PEFT's dense LoRA sum) / Expected (the masked LoRS op), opt-in."""
+"""convert_peft_lora: Before (PEFT's dense LoRA sum) / Expected (the masked LoRS op); on by
+default, off with ``convert_peft=False`` or without a config."""
 import copy
 import operator
 
@@ -128,12 +129,19 @@ def test_before_expected_real_dropout_keeps_the_base_linear():
     assert_graphs_equal(gm, fx.GraphModule(root, graph), meta_keys=(SITE_META_KEY,))
 
 
-@pytest.mark.parametrize("config", [None, LorsConfig()], ids=["no-config", "default-config"])
-def test_disabled_unless_opted_in(config):
+@pytest.mark.parametrize("config", [None, LorsConfig(convert_peft=False)],
+                         ids=["no-config", "convert_peft-False"])
+def test_disabled_without_config_or_when_turned_off(config):
     captured = capture(PeftLikeLinear(), X, config=config)
     code = captured.gm.code
     [result] = run_passes(captured.gm, [convert_peft_lora], captured.ctx)
     assert result.count == 0 and "disabled" in result.details and captured.gm.code == code
+
+
+def test_default_config_converts():
+    captured = capture(PeftLikeLinear(), X, config=LorsConfig(grad_mode="exact"))
+    [result] = run_passes(captured.gm, [convert_peft_lora], captured.ctx)
+    assert result.count == 1 and _targets(captured.gm) == [LORS_OP]
 
 
 def test_identity_dropout_becomes_one_op_and_changes_forward_to_masked():
@@ -242,10 +250,10 @@ def test_real_peft_model(lora_dropout):
     compiled, record = compile_with(model, [convert_peft_lora], ON)
     out, grads, _ = grads_of(model, compiled, X)
     [result] = record["results"]
-    assert result.count == 1 and result.details["converted"] == ["base_model.model.proj.base_layer"]
+    assert result.count == 1 and result.details["converted"] == ["base_model.model.proj"]
     lin = model.base_model.model.proj
     W, A, B = lin.base_layer.weight, lin.lora_A["default"].weight, lin.lora_B["default"].weight
-    assert result.details["two_product"] == (["base_model.model.proj.base_layer"]
+    assert result.details["two_product"] == (["base_model.model.proj"]
                                              if lora_dropout else [])
     assert grads["base_model.model.proj.lora_A.default.weight"].abs().sum() > 0
     if lora_dropout:
