@@ -16,7 +16,7 @@ __all__ = ["LorsConfig", "CHECKPOINT_POLICIES", "parse_checkpoint_policy"]
 
 GRAD_MODES = ("lors", "exact")
 INIT_MODES = ("zeros", "gradient")
-COMPILERS = ("eager", "inductor")
+COMPILERS = ("auto", "eager", "inductor")
 ADAPTER_DTYPES = ("float32", "weight")
 CHECKPOINT_POLICIES = ("none", "block", "every:<k>", "budget:<bytes>")
 
@@ -81,7 +81,11 @@ class LorsConfig:
             (default) = on: :func:`lors_fx.optimize` converts a PEFT model's layers in place, and
             the ``lors`` backend's ``convert_peft_lora`` pass rewrites PEFT's sum in a graph;
             ``False`` turns the pass off, and ``optimize`` refuses a PEFT model.
-        fw_compiler / bw_compiler: ``"eager"`` or ``"inductor"`` for the compiled path.
+        fw_compiler / bw_compiler: what runs the compiled path's partitioned graphs: ``"auto"``
+            (default: inductor where it can run, i.e. a C++ compiler on CPU or triton on CUDA,
+            else the eager GraphModules, with the reason in :func:`lors_fx.report`; the
+            environment variable ``LORS_FX_COMPILER=eager|inductor`` overrides it), ``"eager"``
+            or ``"inductor"``.
         adapter_dtype: ``"float32"`` (default): float32 adapters on a float16/bfloat16 base (as
             PEFT's ``autocast_adapter_dtype``: half-precision adapters lose small AdamW updates and
             overflow), the weight's dtype on a float32/float64 base; ``"weight"``: always the
@@ -103,8 +107,8 @@ class LorsConfig:
     min_sparsity: float = 0.25
     checkpoint: str = "none"
     convert_peft: Optional[bool] = None
-    fw_compiler: str = "eager"
-    bw_compiler: str = "eager"
+    fw_compiler: str = "auto"
+    bw_compiler: str = "auto"
     adapter_dtype: str = "float32"
 
     def __post_init__(self):

@@ -7,16 +7,29 @@
   ``toy_batches`` make its data), built fresh for each test.
 - ``gpt2``: the 1-layer pruned GPT-2 with Conv1D projections (:func:`tests._toy.tiny_gpt2`).
 
+The suite sets ``LORS_FX_COMPILER=eager`` (unless already set): ``LorsConfig``'s default
+``"auto"`` compilers then run the eager GraphModules instead of inductor.
+
 Helpers that take arguments (``sparse_mlp(sizes=...)``, ``snapshot``...) are plain functions in
 :mod:`tests._toy`; the pass tests' graph builders are in :mod:`tests.passes._graphs`.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from lors_fx.compiler.compilers import COMPILER_ENV
+
 from lors_fx.testing.toy import build_toy_llama
 from tests._toy import tiny_gpt2
+
+
+# The default LorsConfig compiles with inductor where it can; tens of inductor compiles would
+# double the suite's time, so tests run the eager graph compilers unless the environment says
+# otherwise (tests of the default path clear it with monkeypatch).
+os.environ.setdefault(COMPILER_ENV, "eager")
 
 
 @pytest.fixture

@@ -1,37 +1,42 @@
 #!/usr/bin/env python
-"""Training-step cost of LoRS (compiled and eager) against naive SQFT and dense LoRA.
+"""Whole-model training step: lors_fx's default path against torch.compile'd PEFT LoRA and the rest.
 
 Usage::
 
-    python tools/bench_compile.py [--layers N --hidden H --intermediate I --seq T --r R
-                                   --repeats K --warmup W --compiler inductor|eager
-                                   --checkpoint POLICY --threads N --json FILE]
+    python tools/bench_compile.py [--layers N --hidden H --intermediate I --heads H --kv-heads K
+                                   --vocab V --seq T --r R --repeats K --warmup W
+                                   --compiler inductor|eager --checkpoint POLICY --threads N
+                                   --only NAMES --json FILE]
 
-One process, one tiny Llama (``transformers.LlamaConfig`` from the flags, weights random, every
-``nn.Linear`` but ``lm_head`` 50% magnitude-pruned per row), one copy per method:
+The defaults are issue 13's case: a Llama with SmolLM2-135M's layer shapes (hidden 576, MLP 1536,
+9/3 heads), 4 layers, vocabulary 8,192, every ``nn.Linear`` but ``lm_head`` 50% magnitude-pruned
+per row, batch 1 x 512 tokens, r=16, alpha=32, fp32, one whole step (forward, backward, AdamW).
+One process, one copy of the model per method:
 
-- ``lors_fx compiled``: ``lors_fx.optimize(model, cfg, compile=True)`` (the lors backend; its
-  graphs run with ``--compiler``: ``eager`` runs the aot GraphModules, ``inductor`` compiles them).
-- ``lors_fx eager op``: ``optimize(..., compile=False)``: the custom op, no torch.compile.
-- ``SQFT naive compiled``: ``W' = W + s (B A) * M`` in plain torch (autograd keeps ``W'``) under
-  ``torch.compile`` (``--compiler inductor``: the default inductor backend; ``eager``: the
-  ``aot_eager`` backend, i.e. the same min-cut partition without code generation).
-- ``dense LoRA compiled``: ``y = x W^T + s (x A^T) B^T`` (not sparsity-preserving), same compiler:
-  the speed reference.
-- with ``--checkpoint POLICY``: ``lors_fx compiled`` again with ``LorsConfig.checkpoint=POLICY``.
+- ``lors_fx optimize() defaults``: ``lors_fx.optimize(model, LorsConfig(r, alpha))``: what a user
+  gets (inductor where it can run, compiled block by block).
+- ``lors_fx compiled, eager compilers``: the same with ``fw_compiler=bw_compiler="eager"`` (the
+  default before inductor became it).
+- ``lors_fx eager op (compile=False)``: the custom op, no torch.compile.
+- ``authors' form``: an ``autograd.Function`` that saves x, W, A, B and rebuilds W' in backward
+  (the LoRS authors' kind of op, reimplemented).
+- ``SQFT eager`` / ``SQFT compiled``: ``W' = W + s (B A) * M`` in plain torch (autograd keeps W').
+- ``SPP (checkpointed)``: SPP's authors' gradient-checkpointed form (``lors_fx.methods``).
+- ``PEFT LoRA eager`` / ``PEFT LoRA compiled``: real PEFT (``get_peft_model``), not
+  sparsity-preserving; the compiled one (``torch.compile``, inductor) is the reference of the
+  ratios.
 
 Per method: the first step's time (compile included), the median (and the minimum: on a shared
 machine the least disturbed step) step time (forward + backward + AdamW step) over ``--repeats``
 steps taken *interleaved* across methods after ``--warmup`` steps, the median process CPU time
 per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
-a shared machine), their ratios to dense LoRA, the bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``
-on one forward; storages deduplicated, parameters and buffers excluded by storage pointer; for a
-compiled graph the hook sees what the compiled autograd function saves), and the step's peak
-memory: the high-water mark of live tensor bytes above the step's starting level, from
-``torch.profiler`` memory events of one steady-state step (in process: it counts allocations made
-inside the step only, so the methods do not disturb each other; ``ru_maxrss`` is a process-wide
-high-water mark that warm-up and the other methods would already have set). A method that cannot
-run (a module missing, an error) gets a row ``unavailable: <reason>``.
+a shared machine), their ratios to the reference, the bytes saved for backward
+(``torch.autograd.graph.saved_tensors_hooks`` on one forward; storages deduplicated, parameters
+and buffers excluded by storage pointer; for a compiled graph the hook sees what the compiled
+autograd function saves), and the step's peak memory: the high-water mark of live tensor bytes
+above the step's starting level, from ``torch.profiler`` memory events of one steady-state step
+(in process: it counts allocations made inside the step only, so the methods do not disturb each
+other). A method that cannot run (a module missing, an error) gets a row ``unavailable: <reason>``.
 """
 from __future__ import annotations
 
@@ -126,44 +131,101 @@ def swap_linears(model: nn.Module, cls, r: int, alpha: float) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lors_config(args, checkpoint: str = "none"):
+class AuthorsForm(_Adapter):
+    """The LoRS authors' kind of op: an ``autograd.Function`` that saves ``x``, ``W``, ``A``, ``B``
+    and rebuilds ``W' = W + s (B A) * M`` in backward (plain torch, no chunking, bool mask);
+    reimplemented here from the paper's description, not the authors' file."""
+
+    def forward(self, x):
+        return _AuthorsFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling)
+
+
+class _AuthorsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling):
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return F.linear(x, weight + scaling * (lora_B @ lora_A) * (weight != 0))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        w_eff = weight + s * (lora_B @ lora_A) * (weight != 0)
+        return (g @ w_eff, None, s * (g2 @ lora_B).t() @ x2, s * g2.t() @ (x2 @ lora_A.t()),
+                None)
+
+
+def _lors_config(args, compiler: str = "auto"):
     from lors_fx.config import LorsConfig
 
-    compiler = "inductor" if args.compiler == "inductor" else "eager"
-    return LorsConfig(r=args.r, lora_alpha=2.0 * args.r, checkpoint=checkpoint,
+    return LorsConfig(r=args.r, lora_alpha=2.0 * args.r, checkpoint=args.checkpoint,
                       fw_compiler=compiler, bw_compiler=compiler)
 
 
-def setup_lors(args, compile: bool, checkpoint: str = "none") -> nn.Module:
-    """``lors_fx.optimize(model, cfg, compile=...)``."""
-    try:
-        from lors_fx.api import optimize
-    except ImportError as error:
-        raise RuntimeError(f"lors_fx.optimize not importable ({error})") from error
-    model = build_model(args)
-    return optimize(model, _lors_config(args, checkpoint), compile=compile)
+def setup_lors(args, compile: bool, compiler: str = "auto") -> nn.Module:
+    """``lors_fx.optimize(model, cfg, compile=...)`` (``compiler="auto"``: its defaults)."""
+    from lors_fx.api import optimize
+
+    return optimize(build_model(args), _lors_config(args, compiler), compile=compile)
 
 
-def setup_baseline(args, cls) -> nn.Module:
-    """Adapters of ``cls`` under ``torch.compile`` (inductor, or aot_eager with --compiler eager)."""
+def setup_baseline(args, cls, compiled: bool) -> nn.Module:
+    """Adapters of ``cls``, eager or under ``torch.compile`` (inductor; ``--compiler eager``:
+    aot_eager)."""
     model = build_model(args)
     swap_linears(model, cls, args.r, 2.0 * args.r)
-    backend = "inductor" if args.compiler == "inductor" else "aot_eager"
-    model.forward = torch.compile(model.forward, backend=backend)
+    if compiled:
+        model.forward = torch.compile(model.forward, backend=_torch_backend(args))
     return model
 
 
+def _torch_backend(args) -> str:
+    return "aot_eager" if args.compiler == "eager" else "inductor"
+
+
+def setup_peft(args, compiled: bool) -> nn.Module:
+    """Real PEFT LoRA (``get_peft_model``, every sparse projection), eager or torch.compile'd."""
+    import peft
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in build_model(args).named_modules()
+                      if type(m) is nn.Linear and not n.endswith("lm_head")})
+    model = peft.get_peft_model(build_model(args), peft.LoraConfig(
+        r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.0))
+    if compiled:
+        model.forward = torch.compile(model.forward, backend=_torch_backend(args))
+    return model
+
+
+def setup_spp(args) -> nn.Module:
+    """SPP in its authors' gradient-checkpointed form (lors_fx.methods' ``spp_ckpt``)."""
+    from lors_fx.methods.registry import apply_method
+
+    model = build_model(args)
+    apply_method(model, "spp_ckpt", r=args.r, alpha=2.0 * args.r)
+    return model
+
+
+REFERENCE = "PEFT LoRA compiled"
+
+
 def methods(args) -> Dict[str, Callable[[], nn.Module]]:
-    """Name -> zero-argument builder, in table order (dense LoRA last: it is the reference)."""
+    """Name -> zero-argument builder, in table order (compiled PEFT LoRA is the reference)."""
     table = {
-        "lors_fx compiled": lambda: setup_lors(args, compile=True),
-        "lors_fx eager op": lambda: setup_lors(args, compile=False),
-        "SQFT naive compiled": lambda: setup_baseline(args, NaiveMaskedAdapter),
-        "dense LoRA compiled": lambda: setup_baseline(args, DenseLora),
+        "lors_fx optimize() defaults": lambda: setup_lors(args, compile=True),
+        "lors_fx compiled, eager compilers": lambda: setup_lors(args, True, "eager"),
+        "lors_fx eager op (compile=False)": lambda: setup_lors(args, compile=False),
+        "authors' form (autograd.Function)": lambda: setup_baseline(args, AuthorsForm, False),
+        "SQFT eager": lambda: setup_baseline(args, NaiveMaskedAdapter, False),
+        "SQFT compiled": lambda: setup_baseline(args, NaiveMaskedAdapter, True),
+        "SPP (checkpointed)": lambda: setup_spp(args),
+        "PEFT LoRA eager": lambda: setup_peft(args, compiled=False),
+        REFERENCE: lambda: setup_peft(args, compiled=True),
     }
-    if args.checkpoint and args.checkpoint != "none":
-        table[f"lors_fx compiled, checkpoint={args.checkpoint}"] = \
-            lambda: setup_lors(args, compile=True, checkpoint=args.checkpoint)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",")]
+        table = {k: v for k, v in table.items() if any(w in k for w in wanted) or k == REFERENCE}
     return table
 
 
@@ -248,12 +310,13 @@ def run(args) -> dict:
         rows[name]["step_ms_all"] = [1e3 * t for t in times[name]]
         rows[name]["saved_bytes"] = runner.saved_bytes()
         rows[name]["peak_bytes"] = runner.peak_bytes()
-    reference = rows.get("dense LoRA compiled", {})
+    reference = rows.get(REFERENCE, {})
     for row in rows.values():
         if reference.get("step_ms") and "step_ms" in row:
             row["ratio_to_lora"] = row["step_ms"] / reference["step_ms"]
             row["ratio_to_lora_min"] = row["step_ms_min"] / reference["step_ms_min"]
             row["cpu_ratio_to_lora"] = row["cpu_ms"] / reference["cpu_ms"]
+            row["peak_ratio_to_lora"] = row["peak_bytes"] / max(1, reference["peak_bytes"])
     return {"args": vars(args), "machine": {"python": platform.python_version(),
                                             "torch": torch.__version__,
                                             "threads": torch.get_num_threads(),
@@ -266,11 +329,12 @@ def format_table(result: dict) -> str:
     """The results as a text table (tabulate's ``github`` format when available)."""
     headers = ["method", "step ms (median)", "x LoRA", "step ms (min)", "x LoRA (min)",
                "CPU ms (median)", "x LoRA (CPU)", "first step s", "saved MiB", "peak MiB",
+               "peak x LoRA",
                "loss@1"]
     lines = []
     for row in result["rows"]:
         if "unavailable" in row:
-            lines.append([row["method"], f"unavailable: {row['unavailable']}"] + [""] * 9)
+            lines.append([row["method"], f"unavailable: {row['unavailable']}"] + [""] * 10)
             continue
         lines.append([row["method"], f"{row['step_ms']:.1f}",
                       f"{row['ratio_to_lora']:.2f}" if "ratio_to_lora" in row else "",
@@ -279,7 +343,9 @@ def format_table(result: dict) -> str:
                       f"{row['cpu_ms']:.1f}",
                       f"{row['cpu_ratio_to_lora']:.2f}" if "cpu_ratio_to_lora" in row else "",
                       f"{row['first_step_s']:.1f}", f"{row['saved_bytes'] / 2**20:.2f}",
-                      f"{row['peak_bytes'] / 2**20:.2f}", f"{row['first_loss']:.4f}"])
+                      f"{row['peak_bytes'] / 2**20:.2f}",
+                      f"{row['peak_ratio_to_lora']:.2f}" if "peak_ratio_to_lora" in row else "",
+                      f"{row['first_loss']:.4f}"])
     if tabulate is not None:
         return tabulate(lines, headers=headers, tablefmt="github")
     return "\n".join(" | ".join(str(c) for c in line) for line in [headers] + lines)
@@ -288,27 +354,30 @@ def format_table(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=704)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
-                        help="inductor: default torch.compile codegen for every compiled method; "
-                             "eager: aot_eager (run the partitioned graphs as they are)")
+                        help="the torch.compile backend of the compiled baselines: inductor, or "
+                             "eager (aot_eager: the partitioned graphs as they are); lors_fx's "
+                             "default row always uses its own defaults")
     parser.add_argument("--checkpoint", default="none",
-                        help="also run lors_fx compiled with this LorsConfig.checkpoint policy")
+                        help="LorsConfig.checkpoint policy of the lors_fx rows")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: torch's default); 1 is steadiest on a "
                              "shared machine")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--only", help="comma-separated substrings of the method names to run "
+                        "(the reference, compiled PEFT LoRA, always runs)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     return parser.parse_args(argv)
 

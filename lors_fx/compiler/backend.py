@@ -7,7 +7,8 @@ Per dynamo graph the backend runs::
       -> aot_autograd: joint graph
            -> partition_fn: insert_checkpoints (policy != "none"), then the min-cut partitioner
            -> saved_tensor_report on the partitioned forward
-      -> fw/bw compilers: "eager" (run the GraphModules) or "inductor"
+      -> fw/bw compilers: "inductor", or "eager" (run the GraphModules); "auto" resolves per
+         graph (lors_fx.compiler.compilers), and an inductor failure runs that graph eagerly
 
 and records everything in a :class:`LorsCompileState` (per graph: pass results, sites, saved
 tensors before and after the rewrite, the forward and backward GraphModules; graph breaks,
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from torch import fx, nn
 
 from lors_fx.compiler import _torch_private as private
+from lors_fx.compiler.compilers import device_of, resolve_compiler
 from lors_fx.compiler.state import GraphRecord, LorsCompileState
 from lors_fx.config import LorsConfig
 from lors_fx.passes import PassContext, PassResult, passes_for, run_passes
@@ -101,11 +103,11 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
     state = LorsCompileState(config=config) if state is None else state
     forward_passes = list(default_forward_passes(config) if passes is None else passes)
     graph_passes = list(passes_for("joint", config) if joint_passes is None else joint_passes)
-    inductor = (config.fw_compiler == "inductor", config.bw_compiler == "inductor")
 
     def compile_graph(gm: fx.GraphModule, example_inputs):
         start = time.perf_counter()
         record = _new_record(state)
+        inductor = _choose_compilers(record, config, example_inputs)
         placeholder_params, input_names = _input_names(gm, example_inputs, model)
         original = copy_graph_module(gm) if report_before else None
         ctx = PassContext(config=config, model=model, notes=record.notes,
@@ -134,13 +136,35 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
     return compile_graph
 
 
+def _choose_compilers(record: GraphRecord, config: LorsConfig, example_inputs) -> tuple:
+    """Resolve ``fw_compiler`` / ``bw_compiler`` for this graph's device; record the choice and
+    why ``"auto"`` fell to eager. Returns ``(fw is inductor, bw is inductor)``."""
+    device = device_of(example_inputs)
+    fw, fw_reason = resolve_compiler(config.fw_compiler, device)
+    bw, bw_reason = resolve_compiler(config.bw_compiler, device)
+    record.compilers = {"forward": fw, "backward": bw}
+    reason = fw_reason or bw_reason
+    if reason:
+        record.compiler_notes.append(f"auto -> eager: {reason}")
+    return fw == "inductor", bw == "inductor"
+
+
 def _graph_compiler(record: GraphRecord, use_inductor: bool, is_backward: bool) -> Callable:
-    """aot_autograd's fw/bw compiler: inductor, or run the GraphModule as it is ("eager")."""
+    """aot_autograd's fw/bw compiler: inductor, or run the GraphModule as it is ("eager"). An
+    inductor failure runs the graph eagerly, recorded and warned about with the error."""
     def compile_one(graph_gm, inputs):
         if not is_backward and record.forward is None:
             record.forward = graph_gm  # inference graph: no partition
         if use_inductor:
-            return private.inductor_compiler(is_backward)(graph_gm, inputs)
+            try:
+                return private.inductor_compiler(is_backward)(graph_gm, inputs)
+            except Exception as error:  # a slower graph, never a failed training step
+                part = "backward" if is_backward else "forward"
+                record.compilers[part] = "eager"
+                why = f"inductor failed on the {part} graph, ran eagerly: " \
+                      f"{type(error).__name__}: {str(error).strip()[:300]}"
+                record.compiler_notes.append(why)
+                warnings.warn(f"lors_fx: {why}", RuntimeWarning, stacklevel=2)
         return private.boxed(graph_gm.forward)
     return compile_one
 

@@ -39,6 +39,10 @@ class LorsReport:
     recompiles: Optional[int] = None
     compiled: bool = False
     fallback: Optional[str] = None
+    #: ``{"forward": ..., "backward": ...}`` compiler of each graph (index -> dict)
+    compilers: Dict[int, Dict[str, str]] = field(default_factory=dict)
+    #: backend seconds over all graphs (passes, partition, report, forward compile)
+    compile_seconds: Optional[float] = None
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -58,7 +62,9 @@ class LorsReport:
                 "saved_before": [_row_dict(r) for r in self.saved_before],
                 "saved_after": [_row_dict(r) for r in self.saved_after],
                 "graphs": graphs, "graph_breaks": self.graph_breaks,
-                "recompiles": self.recompiles, "notes": list(self.notes)}
+                "recompiles": self.recompiles,
+                "compilers": {str(k): v for k, v in self.compilers.items()},
+                "compile_seconds": self.compile_seconds, "notes": list(self.notes)}
 
     def __str__(self) -> str:
         from tabulate import tabulate
@@ -84,7 +90,13 @@ class LorsReport:
                                                  "dtype", "bytes", "view of"], tablefmt="simple")
                          + f"\n({len(self.saved_after) - len(shown)} saved parameters omitted)")
         parts.append(f"graphs: {len(self.graphs)}, graph breaks: {_or_unknown(self.graph_breaks)}"
-                     f", recompiles: {_or_unknown(self.recompiles)}")
+                     f", recompiles: {_or_unknown(self.recompiles)}"
+                     + (f", compile time {self.compile_seconds:.1f} s"
+                        if self.compile_seconds is not None else ""))
+        if self.compilers:
+            kinds = sorted({f"{c.get('forward', '?')}/{c.get('backward', '?')}"
+                            for c in self.compilers.values()})
+            parts.append(f"compilers (forward/backward): {', '.join(kinds)}")
         if self.fallback:
             parts.append(f"fallback to the eager op path: {self.fallback}")
         parts.extend(f"note: {note}" for note in self.notes)
@@ -148,6 +160,7 @@ def report(model: nn.Module) -> LorsReport:
     result.fallback = state.fallback
     result.graph_breaks = state.graph_breaks
     result.recompiles = state.recompiles
+    result.compile_seconds = state.compile_seconds
     result.notes.extend(state.notes)
     for record in state.graphs:
         for fqn, site in record.sites.items():
@@ -163,7 +176,10 @@ def report(model: nn.Module) -> LorsReport:
                                   "seconds": result_.seconds})
         result.graphs.append({"index": record.index, "forward": record.forward,
                               "backward": record.backward})
-        result.notes.extend(f"graph {record.index}: {note}" for note in record.notes)
+        if record.compilers:
+            result.compilers[record.index] = dict(record.compilers)
+        result.notes.extend(f"graph {record.index}: {note}"
+                            for note in record.notes + record.compiler_notes)
     result.sites = list(sites.values())
     training = [r for r in _latest_per_frame(state.graphs) if r.saved_after is not None]
     if not training:

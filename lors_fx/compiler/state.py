@@ -31,6 +31,10 @@ class GraphRecord:
     backward: Optional[fx.GraphModule] = None
     notes: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: what ran each partitioned graph: ``{"forward": "inductor"|"eager", "backward": ...}``
+    compilers: Dict[str, str] = field(default_factory=dict)
+    #: why a graph runs eagerly although inductor was asked for or "auto"
+    compiler_notes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +50,12 @@ class LorsCompileState:
     original_forward: Optional[Callable] = None
     compiled_roots: List[nn.Module] = field(default_factory=list)  # blocks compiled one by one
     use_cache: Optional[bool] = None  # the HF config's use_cache before compile (restored)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Backend time over every graph: passes, partition, the "before" report and the
+        fw compiler (inductor compiles the backward graph lazily, at the first backward)."""
+        return sum(record.seconds for record in self.graphs)
 
     @property
     def recompiles(self) -> int:

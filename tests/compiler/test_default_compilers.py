@@ -1,0 +1,114 @@
+"""The default compiled path: ``LorsConfig()``'s ``"auto"`` compilers resolve to inductor where it
+can run (compiled block by block), equal the eager op in loss and gradients, save nothing the
+eager op does not, and fall back to the eager graph compilers with the reason reported."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lors_fx
+from lors_fx import LorsConfig
+from lors_fx.compiler import _torch_private as private
+from lors_fx.compiler import compile_state_of
+from lors_fx.compiler.compilers import COMPILER_ENV, inductor_unavailable, resolve_compiler
+from lors_fx.methods.measure import saved_bytes
+from lors_fx.testing.toy import build_toy_llama, toy_batches
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def test_explicit_compilers_win_and_the_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv(COMPILER_ENV, "eager")
+    assert resolve_compiler("inductor", "cpu") == ("inductor", None)
+    assert resolve_compiler("auto", "cpu") == ("eager", f"{COMPILER_ENV}=eager")
+    monkeypatch.setenv(COMPILER_ENV, "tvm")
+    with pytest.raises(ValueError, match="expected 'eager' or 'inductor'"):
+        resolve_compiler("auto", "cpu")
+
+
+def test_auto_without_a_cxx_compiler_is_eager_with_the_reason(monkeypatch):
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    compiler, reason = resolve_compiler("auto", "cpu")
+    assert compiler == "eager" and "no C++ compiler" in reason
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert "triton" in inductor_unavailable("cuda")
+    assert "not used" in inductor_unavailable("mps")
+
+
+def _pair():
+    """The same optimized toy Llama twice (same adapters): eager op, and the default path."""
+    eager, default = build_toy_llama(seed=0), build_toy_llama(seed=0)
+    lors_fx.optimize(eager, LorsConfig(), compile=False)
+    lors_fx.optimize(default, LorsConfig())  # compile=True, fw/bw "auto"
+    with torch.no_grad():
+        for name, param in eager.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.05)
+    default.load_state_dict(eager.state_dict())
+    return eager, default
+
+
+def test_default_path_is_inductor_per_block_and_equals_the_eager_op(monkeypatch):
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    if inductor_unavailable("cpu"):
+        pytest.skip(f"inductor cannot run here: {inductor_unavailable('cpu')}")
+    eager, default = _pair()
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    losses = []
+    for model in (eager, default):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_eager), (_, p_default) in zip(eager.named_parameters(),
+                                                default.named_parameters()):
+        if p_eager.requires_grad:
+            torch.testing.assert_close(p_default.grad, p_eager.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+    state = compile_state_of(default)
+    assert len(state.compiled_roots) == 2  # scope "auto" -> the decoder blocks
+    report = lors_fx.report(default)
+    assert set(map(tuple, (c.values() for c in report.compilers.values()))) == \
+        {("inductor", "inductor")}
+    assert report.compile_seconds > 0 and report.rewritten == 14
+    # nothing saved that the eager op does not save (x per adapted linear, as LoRA)
+    params = lambda m: list(m.parameters()) + list(m.buffers())  # noqa: E731
+    compiled_saved = saved_bytes(lambda: default(**batch).loss, params(default))
+    eager_saved = saved_bytes(lambda: eager(**batch).loss, params(eager))
+    assert compiled_saved <= eager_saved
+
+
+def test_a_failing_inductor_runs_the_graph_eagerly_and_says_why(monkeypatch):
+    monkeypatch.setenv(COMPILER_ENV, "inductor")
+
+    def broken(is_backward):
+        def compile_graph(gm, inputs):
+            raise RuntimeError("simulated C++ build failure")
+        return compile_graph
+
+    monkeypatch.setattr(private, "inductor_compiler", broken)
+    eager, default = _pair()
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    with pytest.warns(RuntimeWarning, match="simulated C\\+\\+ build failure"):
+        loss = default(**batch).loss
+        loss.backward()
+    torch.testing.assert_close(loss.detach(), eager(**batch).loss.detach(), rtol=1e-5,
+                               atol=1e-6)
+    report = lors_fx.report(default)
+    assert all(c["forward"] == "eager" for c in report.compilers.values())
+    assert any("inductor failed on the forward graph" in note for note in report.notes)
+
+
+def test_auto_falls_back_to_eager_whole_model_with_the_reason(monkeypatch):
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    _, default = _pair()
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    default(**batch).loss.backward()
+    state = compile_state_of(default)
+    assert state.compiled_roots == []  # eager compilers: one whole-model graph
+    report = lors_fx.report(default)
+    assert all(c == {"forward": "eager", "backward": "eager"} for c in report.compilers.values())
+    assert any("auto -> eager: no C++ compiler" in note for note in report.notes)
+    assert "compilers (forward/backward): eager/eager" in str(report)
