@@ -1,7 +1,6 @@
 """The LoRS custom op: the only place the sparse-adapter math lives.
 
-For a frozen weight ``W`` (d_out x d_in) whose zeros are the mask ``M = (W != 0)``, adapters
-``lora_A`` (r x d_in), ``lora_B`` (d_out x r) and scale ``s``::
+Frozen weight ``W`` (d_out x d_in), mask ``M = (W != 0)``, ``lora_A`` (r x d_in), ``lora_B`` (d_out x r)::
 
     W' = W + s * (lora_B @ lora_A) * M          y = x @ W'.T + bias
 
@@ -26,13 +25,14 @@ computed in row chunks of ``G`` so the dense transient stays under ``chunk_bytes
 Building W'
 -----------
 Kept entries of ``W'`` equal ``W + s*(B@A)``, NaN and inf included (a diverged adapter shows in the
-loss); pruned entries are exactly 0 whatever the adapters hold. ``W'`` is ``addmm(W, B, A,
-alpha=s)``, then its pruned entries are zeroed in row chunks through one small reused buffer (1 MiB
-on CPU, so the chunk is still in cache; 64 MiB elsewhere): one weight-sized tensor, not two. The
-mask is read from ``W`` (nothing stored: it survives FSDP sharding). On CPU, when ``r * max|A| *
-max|B| * |s|`` proves ``s*(B@A)`` finite, by ``mul_`` with ``|sign(W)|`` (a same-dtype 0/1 mask: a
-bool ``masked_fill_`` is several times slower there); else (``inf * 0`` is NaN), and always on
-accelerators (no host sync), by ``masked_fill_(W == 0, 0)``. Measurements: docs/benchmarks.md.
+loss); pruned entries are exactly 0 whatever the adapters hold. The mask is read from ``W``
+(nothing stored: it survives FSDP sharding), in row chunks through one small reused buffer (1 MiB
+on CPU, so the chunk is still in cache; 64 MiB elsewhere): one weight-sized tensor, not two. On
+CPU, when ``r * max|A| * max|B| * |s|`` proves ``s*(B@A)`` finite: ``P = B@A``, then per chunk
+``P <- addcmul(W, P, |sign(W)|, value=s)`` (a same-dtype 0/1 mask: a bool ``masked_fill_`` is several
+times slower there; and no copy of ``W`` into the GEMM's output, which ``addmm(W, ...)`` makes);
+else (``inf * 0`` is NaN), and always on accelerators (no host sync), ``addmm(W, B, A, alpha=s)``
+then ``masked_fill_(W == 0, 0)``. Measurements: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -79,15 +79,19 @@ def _row_chunks(weight: Tensor):
     return rows, [(i, min(weight.shape[0], i + rows)) for i in range(0, weight.shape[0], rows)]
 
 
-def _apply_mask_(w_eff: Tensor, weight: Tensor) -> Tensor:
-    """``w_eff *= |sign(weight)|`` in row chunks through one small reused buffer: exact only when
-    ``w_eff`` is finite at the pruned positions (``inf * 0`` is NaN)."""
+def _masked_sum_(product: Tensor, weight: Tensor, scaling: float, include_base: bool) -> Tensor:
+    """``product <- W + s*product*|sign(W)|`` (or without ``W``) in row chunks via one reused mask
+    buffer (each chunk of ``W`` read once); exact only for a finite ``product``."""
     rows, chunks = _row_chunks(weight)
     buffer = weight.new_empty((rows, weight.shape[1]))
     for start, stop in chunks:
         mask = torch.sign(weight[start:stop], out=buffer[: stop - start]).abs_()
-        w_eff[start:stop].mul_(mask)
-    return w_eff
+        part = product[start:stop]
+        if include_base:
+            torch.addcmul(weight[start:stop], part, mask, value=scaling, out=part)
+        else:
+            part.mul_(mask.mul_(scaling))
+    return product
 
 
 def _zero_pruned_(w_eff: Tensor, weight: Tensor) -> Tensor:
@@ -103,9 +107,9 @@ def _zero_pruned_(w_eff: Tensor, weight: Tensor) -> Tensor:
 def _effective_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                       include_base: bool) -> Tensor:
     """``W' = W + s*(B@A)*M`` (or ``s*(B@A)*M`` without the base); a fresh tensor."""
-    w_eff = torch.addmm(weight, lora_B, lora_A, beta=1.0 if include_base else 0.0, alpha=scaling)
     if _product_is_finite(lora_A, lora_B, scaling):
-        return _apply_mask_(w_eff, weight)
+        return _masked_sum_(torch.mm(lora_B, lora_A), weight, scaling, include_base)
+    w_eff = torch.addmm(weight, lora_B, lora_A, beta=1.0 if include_base else 0.0, alpha=scaling)
     return _zero_pruned_(w_eff, weight)
 
 
@@ -324,20 +328,17 @@ def sparse_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
     Args:
         x: input of shape ``(..., d_in)``, same dtype as ``weight`` (or under autocast).
         weight: frozen base weight ``(d_out, d_in)``; its zeros are the mask. Must not require grad.
-        lora_A: ``(r, d_in)``; lora_B: ``(d_out, r)``. May be float32 on a half-precision base:
-            they are cast to weight's dtype for the math and their gradients come back in their
-            own dtype.
+        lora_A: ``(r, d_in)``; lora_B: ``(d_out, r)``. May be float32 on a half-precision base
+            (cast to weight's dtype for the math; gradients come back in their own dtype).
         bias: optional ``(d_out,)``; gets a gradient if it requires one.
         scaling: ``s`` (``lora_alpha / r`` or ``lora_alpha / sqrt(r)``).
         grad_mode: ``"lors"`` (factorized, straight-through, cost of plain LoRA) or ``"exact"``
             (masked dense gradient, chunked).
-        recompute: ``True`` saves only ``x`` for backward and rebuilds ``W'``; ``False`` keeps
-            ``W'`` (one dense weight-sized tensor per call: an ablation).
-        chunk_bytes: bound on the exact backward's dense transient (default 64 MiB). The chunk is
-            at least one weight row, so a bound below two rows' bytes is exceeded (rounded up).
+        recompute: ``True`` saves only ``x`` and rebuilds ``W'``; ``False`` keeps ``W'`` (ablation).
+        chunk_bytes: bound on the exact backward's dense transient (default 64 MiB; at least
+            one weight row per chunk, so a bound below two rows' bytes is rounded up).
 
-    Returns ``y`` of shape ``(..., d_out)``; kept entries of ``W'`` follow the adapters, NaN
-    included, pruned ones are 0 whatever they hold.
+    Returns ``y`` ``(..., d_out)``; kept entries of ``W'`` follow the adapters (NaN included).
     """
     return _call(x, weight, lora_A, lora_B, bias, scaling, grad_mode, recompute, chunk_bytes,
                  True, "sparse_lora_linear")
@@ -348,9 +349,8 @@ def sparse_lora_delta(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                       chunk_bytes: Optional[int] = None) -> Tensor:
     """Only the masked adapter's output: ``x @ (s*(B@A)*M).T`` with ``M = weight != 0``.
 
-    Used for ``lora_dropout > 0``, where the adapter sees ``dropout(x)`` and the base sees ``x``:
-    ``y = F.linear(x, W, bias) + sparse_lora_delta(dropout(x), W, A, B, ...)``. That form costs one
-    more dense matmul in forward and one more in backward than :func:`sparse_lora_linear`.
+    For ``lora_dropout > 0``: ``y = F.linear(x, W, bias) + sparse_lora_delta(dropout(x), W, A, B,
+    ...)``, one more dense matmul in forward and in backward than :func:`sparse_lora_linear`.
     Same arguments and gradient modes as :func:`sparse_lora_linear`; ``weight`` only gives the mask.
     """
     return _call(x, weight, lora_A, lora_B, None, scaling, grad_mode, recompute, chunk_bytes,

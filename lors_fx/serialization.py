@@ -323,7 +323,7 @@ def _check_fingerprint(model: nn.Module, saved: Optional[dict], weights_path: st
                f"{saved.get('algorithm')!r}")
         warnings.warn(f"load_adapters: {weights_path} {why}; the base's zero pattern is not "
                       f"checked against the one the adapters were trained on", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # past load_adapters and its no_grad wrapper
         return
     current = mask_fingerprint(model)
     if current is None:  # ZeRO-3 partitions: nothing to compare here

@@ -64,6 +64,17 @@ def reference_logits(model, ids):
     return ref(ids).logits
 
 
+def assert_restores_the_same_model(trained_model, path):
+    """``restore_adapters(fresh pruned base, path)`` computes what ``trained_model`` computes."""
+    ids = torch.randint(0, 128, (2, 12))
+    fresh = build_toy_llama(seed=0)
+    restore_adapters(fresh, path)
+    assert len(lors_modules(fresh)) == len(lors_modules(trained_model))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits,
+                                   trained_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def train_steps(model, steps=3, lr=1e-2):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -230,15 +241,8 @@ def test_restore_adapters_reads_a_peft_directory(tmp_path):
     model = peft_llama()
     optimize(model, LorsConfig(), compile=False)
     train_steps(model)
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        trained = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
-    fresh = build_toy_llama(seed=0)
-    restore_adapters(fresh, str(tmp_path))
-    assert len(lors_modules(fresh)) == 14
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    assert_restores_the_same_model(model, str(tmp_path))
 
 
 def test_restore_adapters_refuses_peft_options_lors_cannot_represent(tmp_path):
@@ -257,13 +261,7 @@ def test_lors_fx_files_round_trip_from_a_peft_model_and_peft_refuses_them(tmp_pa
     train_steps(model)
     names = save_adapters(model, str(tmp_path))
     assert names[0].startswith("model.layers.")  # the base model's names, not the PeftModel's
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        trained = model(input_ids=ids).logits
-    fresh = build_toy_llama(seed=0)
-    restore_adapters(fresh, str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    assert_restores_the_same_model(model, str(tmp_path))
     with pytest.raises(KeyError, match="restore_adapters"):
         peft.PeftModel.from_pretrained(build_toy_llama(seed=0), str(tmp_path))
 
@@ -291,13 +289,7 @@ def test_hf_trainer_checkpoint_restores_as_lors_adapters(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=rows).train()
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        trained = model(input_ids=ids).logits
-    fresh = build_toy_llama(seed=0)
-    restore_adapters(fresh, str(checkpoint))
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    assert_restores_the_same_model(model, str(checkpoint))
 
 
 def test_conv1d_bases_convert_with_the_mask_along_the_true_input(gpt2):

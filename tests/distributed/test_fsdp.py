@@ -337,5 +337,6 @@ def test_new_nonzeros_counts_what_a_broken_mask_would_add(monkeypatch):
     weight[torch.rand(16, 12, generator=generator) < 0.5] = 0
     lora_a, lora_b = torch.randn(4, 12, generator=generator), torch.randn(16, 4, generator=generator)
     assert new_nonzeros(weight, lora_a, lora_b, 2.0) == 0
-    monkeypatch.setattr(ops, "_apply_mask_", lambda w_eff, w: w_eff)  # the mask forgotten
+    monkeypatch.setattr(ops, "_masked_sum_",  # the mask forgotten
+                        lambda product, w, s, base: product.mul_(s).add_(w if base else 0))
     assert new_nonzeros(weight, lora_a, lora_b, 2.0) == int((weight == 0).sum())
