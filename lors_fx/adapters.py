@@ -13,6 +13,7 @@ through the naive plain-torch form that the graph passes recognise and rewrite i
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -24,13 +25,14 @@ from lors_fx._nn import is_conv1d, replace_module
 from lors_fx.config import LorsConfig
 from lors_fx.ops import (build_merged_weight, reference_sparse_lora_linear, sparse_lora_delta,
                          sparse_lora_linear)
+from lors_fx.semi_structured import semi_structured_lora_linear, semi_structured_status
 from lors_fx.sparsity import sparsity_of
 from lors_fx.targets import find_targets
 from lors_fx.state import LorsState, clear_state, set_state, state_of
 
 __all__ = [
     "LorsLinear", "LorsConv1D", "reference_sparse_lora_dropout_form", "find_targets",
-    "attach_adapters", "lors_modules", "adapter_forward", "SITE_ATTRIBUTE", "refuse_twice", "is_optimized", "merge_adapters", "detach_adapters",
+    "attach_adapters", "lors_modules", "adapter_forward", "SITE_ATTRIBUTE", "refuse_twice", "enable_semi_structured", "is_optimized", "merge_adapters", "detach_adapters",
     "adapter_dtype_for", "non_finite_adapters", "refuse_non_finite_adapters",
 ]
 
@@ -66,6 +68,8 @@ def adapter_forward(adapter, x: Tensor) -> Tensor:
     training."""
     weight, bias, s = adapter.true_weight(), adapter.bias, adapter.scaling
     dropout = adapter.training and isinstance(adapter.lora_dropout, nn.Dropout)
+    if adapter.semi_structured and not dropout and not torch.compiler.is_compiling():
+        return semi_structured_lora_linear(x, weight, adapter.lora_A, adapter.lora_B, bias, s)
     # The naive form exists only for the compiler's passes to rewrite: outside a dynamo trace
     # (eval, generate, a deep copy) it would save W', so the op runs instead.
     if adapter.emit_reference and torch.compiler.is_compiling():
@@ -96,7 +100,7 @@ class _LorsMixin:
         self.grad_mode = grad_mode
         self.recompute = recompute
         self.chunk_bytes = chunk_bytes
-        self.emit_reference = False
+        self.emit_reference = self.semi_structured = False
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         factory = dict(dtype=adapter_dtype_for(weight.dtype, adapter_dtype), device=weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
@@ -225,7 +229,29 @@ def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
         replace_module(model, name, cls(module, config.r, config.scaling, **options))
     freeze_all_but_adapters(model)
     set_state(model, LorsState(config=config, requires_grad=flags))
+    enable_semi_structured(lors_modules(model), config)
     return [name for name, _ in targets]
+
+
+def enable_semi_structured(adapters: Dict[str, nn.Module], config: LorsConfig) -> List[str]:
+    """With ``config.semi_structured``, turn the 2:4 forward on for each adapter whose base the
+    kernels take (:func:`lors_fx.semi_structured.semi_structured_status`); the others are named
+    in one warning with the reason. Returns the names turned on."""
+    if not config.semi_structured:
+        return []
+    on, refused = [], {}
+    for name, adapter in adapters.items():
+        ok, reason = semi_structured_status(adapter.true_weight().detach())
+        adapter.semi_structured = ok
+        if ok:
+            on.append(name)
+        else:
+            refused.setdefault(reason, []).append(name)
+    for reason, names in refused.items():
+        warnings.warn(f"lors_fx: semi_structured: {len(names)} layer(s) run the dense op "
+                      f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): {reason}",
+                      UserWarning, stacklevel=3)
+    return on
 
 
 def refuse_twice(model: nn.Module) -> None:

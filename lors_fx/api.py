@@ -63,6 +63,9 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     if config.init == "gradient" and init_data is None:
         raise ValueError("optimize: config.init='gradient' needs init_data (an iterable of "
                          "batches: dicts with labels, or tensors with loss_fn)")
+    if config.semi_structured and compile:
+        raise ValueError("optimize: semi_structured=True runs the 2:4 kernels on the eager op "
+                         "path; pass compile=False")
     if config.init != "gradient" and init_data is not None:
         raise ValueError("optimize: init_data is only used with config.init='gradient' "
                          f"(config.init={config.init!r})")

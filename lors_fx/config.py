@@ -90,6 +90,12 @@ class LorsConfig:
             PEFT's ``autocast_adapter_dtype``: half-precision adapters lose small AdamW updates and
             overflow), the weight's dtype on a float32/float64 base; ``"weight"``: always the
             weight's dtype. The op casts adapters to the weight's dtype for the math.
+        semi_structured: run each layer's forward ``x @ W'.T`` on PyTorch's 2:4 kernels
+            (:func:`lors_fx.semi_structured.semi_structured_lora_linear`) where they can run: CUDA
+            with compute capability >= 8.0, float16/bfloat16, an exact 2:4 base, dims multiples of
+            16; other layers run the op as usual and are named in a warning with the reason.
+            Eager path only (``optimize(..., compile=False)``); needs ``grad_mode="lors"``,
+            ``recompute=True``, no dropout. The backward's ``g @ W'`` stays dense.
     """
 
     r: int = 16
@@ -110,6 +116,7 @@ class LorsConfig:
     fw_compiler: str = "auto"
     bw_compiler: str = "auto"
     adapter_dtype: str = "float32"
+    semi_structured: bool = False
 
     def __post_init__(self):
         def fail(name, message):
@@ -156,11 +163,15 @@ class LorsConfig:
         for name in ("fw_compiler", "bw_compiler"):
             if getattr(self, name) not in COMPILERS:
                 fail(name, f"must be one of {COMPILERS}, got {getattr(self, name)!r}")
-        for name in ("use_rslora", "recompute", "init_mask_gradient"):
+        for name in ("use_rslora", "recompute", "init_mask_gradient", "semi_structured"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.convert_peft is not None and not isinstance(self.convert_peft, bool):
             fail("convert_peft", f"must be None or a bool, got {self.convert_peft!r}")
+        if self.semi_structured and (self.grad_mode != "lors" or not self.recompute
+                                     or self.lora_dropout > 0):
+            fail("semi_structured", "needs grad_mode='lors', recompute=True and lora_dropout=0 "
+                 f"(got {self.grad_mode!r}, {self.recompute}, {self.lora_dropout})")
 
     @property
     def scaling(self) -> float:

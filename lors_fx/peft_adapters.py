@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lors_fx._nn import is_conv1d, is_linear_like, matches_any, oriented_weight, replace_module
-from lors_fx.adapters import SITE_ATTRIBUTE, adapter_forward, lors_modules, refuse_twice
+from lors_fx.adapters import (SITE_ATTRIBUTE, adapter_forward, enable_semi_structured,
+                              lors_modules, refuse_twice)
 from lors_fx.config import LorsConfig
 from lors_fx.ops import build_merged_weight
 from lors_fx.sparsity import sparsity_of
@@ -80,6 +81,7 @@ class PeftSite:
         self.layer, self.adapter = layer, adapter
         self.grad_mode, self.recompute = config.grad_mode, config.recompute
         self.chunk_bytes, self.emit_reference = config.chunk_bytes, False
+        self.semi_structured = False
 
     lora_A = property(lambda self: self.layer.lora_A[self.adapter].weight)
     lora_B = property(lambda self: self.layer.lora_B[self.adapter].weight)
@@ -208,6 +210,7 @@ def convert_peft_layers(model: nn.Module, config: LorsConfig) -> List[str]:
         for param in (site.lora_A, site.lora_B):
             param.requires_grad_(True)
     set_state(model, LorsState(config=config, requires_grad=flags))
+    enable_semi_structured(lors_modules(model), config)
     if left:
         warnings.warn(f"lors_fx.optimize: {len(left)} PEFT LoRA layer(s) stay plain PEFT LoRA "
                       f"(dense update): {', '.join(f'{n} ({why})' for n, why in left[:8])}"

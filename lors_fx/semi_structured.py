@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lors_fx import ops as lors_ops  # also registers torch.ops.lors.masked_weight (W' build)
+
 __all__ = ["SEMI_STRUCTURED_DTYPES", "MIN_COMPUTE_CAPABILITY", "SHAPE_MULTIPLE",
            "has_2to4_pattern", "semi_structured_status", "compress_semi_structured",
-           "semi_structured_linear"]
+           "semi_structured_linear", "semi_structured_lora_linear"]
 
 #: dtypes the default (cuSPARSELt) backend multiplies in floating point.
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -150,3 +152,49 @@ def semi_structured_linear(x: Tensor, weight_prime: Tensor, bias: Optional[Tenso
                          f"the weight's d_in={d_in}")
     y = F.linear(x.reshape(-1, d_in), compressed, bias)
     return y.reshape(*x.shape[:-1], d_out)
+
+
+class _SemiStructuredLors(torch.autograd.Function):
+    """The LoRS op with its forward ``x @ W'.T`` on the 2:4 kernels (``grad_mode="lors"``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling):
+        A, B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        w_eff = torch.ops.lors.masked_weight.default(weight, A, B, scaling, True)
+        y = semi_structured_linear(x, w_eff, bias, check=False)
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        A, B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        x2d, g2d = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_A = grad_B = grad_bias = None
+        if ctx.needs_input_grad[0]:  # g @ W' reduces over d_out: no 2:4 pattern there, dense
+            w_eff = torch.ops.lors.masked_weight.default(weight, A, B, s, True)
+            grad_x = (g2d @ w_eff).reshape(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_A = torch.mm((g2d @ B).t(), x2d).mul_(s).to(lora_A.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.mm(g2d.t(), x2d @ A.t()).mul_(s).to(lora_B.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = g2d.sum(0)
+        return grad_x, None, grad_A, grad_B, grad_bias, None
+
+
+def semi_structured_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                bias: Optional[Tensor] = None, scaling: float = 1.0,
+                                grad_mode: str = "lors") -> Tensor:
+    """:func:`lors_fx.ops.sparse_lora_linear` (``grad_mode="lors"``, ``recompute=True``) with the
+    forward's ``x @ W'.T`` on the 2:4 kernels: ``W'`` is built (as the op builds it), compressed
+    and multiplied; only ``x`` is saved, and the backward rebuilds ``W'`` for the dense ``g @ W'``.
+    What ``LorsConfig(semi_structured=True)`` runs for each layer :func:`semi_structured_status`
+    accepts (CUDA, Ampere or newer, float16/bfloat16, an exact 2:4 base). Only
+    ``grad_mode="lors"`` (the exact mode's chunked gradient is the op's)."""
+    if grad_mode != "lors":
+        raise ValueError(f"semi_structured_lora_linear: grad_mode must be 'lors' (of "
+                         f"{lors_ops.GRAD_MODES}), got {grad_mode!r}")
+    return _SemiStructuredLors.apply(x, weight, lora_A, lora_B, bias, float(scaling))

@@ -189,3 +189,97 @@ def test_status_is_ok_for_a_2to4_bf16_weight_on_ampere_or_newer():
 def test_compress_refuses_an_unstructured_weight_on_cuda():
     with pytest.raises(RuntimeError, match="not a 2:4 pattern"):
         compress_semi_structured(_weight(d_out=128, d_in=256, pattern="50%", device="cuda"))
+
+
+# --- LorsConfig(semi_structured=True): the opt-in 2:4 forward of the op
+
+
+def _toy_2to4(dtype=torch.float32, device="cpu"):
+    from lors_fx.testing.toy import build_toy_llama
+
+    model = build_toy_llama(seed=0)
+    magnitude_prune_(model, pattern="2:4")  # every projection now has at most 2 of 4 kept
+    return model.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("fields", [dict(grad_mode="exact"), dict(recompute=False),
+                                    dict(lora_dropout=0.1)])
+def test_config_refuses_what_the_2to4_path_cannot_do(fields):
+    from lors_fx import LorsConfig
+
+    with pytest.raises(ValueError, match="semi_structured"):
+        LorsConfig(semi_structured=True, **fields)
+
+
+def test_compile_true_is_refused_before_anything_changes():
+    from lors_fx import LorsConfig, lors_modules, optimize
+
+    model = _toy_2to4()
+    with pytest.raises(ValueError, match="compile=False"):
+        optimize(model, LorsConfig(semi_structured=True))
+    assert not lors_modules(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
+def test_without_cuda_every_layer_runs_the_dense_op_and_is_named():
+    from lors_fx import LorsConfig, lors_modules, optimize
+
+    model, plain = _toy_2to4(), _toy_2to4()
+    with pytest.warns(UserWarning, match=r"semi_structured: 14 layer\(s\) run the dense op.*no CUDA"):
+        optimize(model, LorsConfig(semi_structured=True), compile=False)
+    optimize(plain, LorsConfig(), compile=False)
+    plain.load_state_dict(model.state_dict())
+    assert not any(m.semi_structured for m in lors_modules(model).values())
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_the_2to4_op_has_the_ops_forward_and_gradients(monkeypatch):
+    """Everything but the kernel, on CPU: the 2:4 matmul replaced by F.linear, the function's
+    forward and its LoRS gradients equal the op's (W' built, x saved, W' rebuilt for dx)."""
+    import lors_fx.semi_structured as semi
+    from lors_fx.ops import sparse_lora_linear
+
+    monkeypatch.setattr(semi, "semi_structured_linear",
+                        lambda x, w, bias=None, check=True: F.linear(x, w, bias))
+    weight = _weight(64, 128, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(3, 5, 128, generator=generator), torch.randn(8, 128, generator=generator),
+              torch.randn(64, 8, generator=generator), torch.randn(64, generator=generator)]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    theirs = [t.clone().requires_grad_() for t in leaves]
+    out = semi.semi_structured_lora_linear(ours[0], weight, ours[1], ours[2], ours[3], 2.0)
+    ref = sparse_lora_linear(theirs[0], weight, theirs[1], theirs[2], bias=theirs[3], scaling=2.0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, other.grad, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_mode must be 'lors'"):
+        semi.semi_structured_lora_linear(ours[0], weight, ours[1], ours[2], grad_mode="exact")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_optimize_with_semi_structured_matches_the_dense_op_on_cuda():
+    from lors_fx import LorsConfig, lors_modules, optimize
+
+    model, plain = _toy_2to4(torch.bfloat16, "cuda"), _toy_2to4(torch.bfloat16, "cuda")
+    optimize(model, LorsConfig(semi_structured=True), compile=False)
+    optimize(plain, LorsConfig(), compile=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.05)
+    plain.load_state_dict(model.state_dict())
+    assert all(m.semi_structured for m in lors_modules(model).values())
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    losses = [m(input_ids=ids, labels=ids).loss for m in (model, plain)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+    for loss in losses:
+        loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-3, msg=name)
