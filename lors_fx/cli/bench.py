@@ -95,6 +95,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="llama_mlp at scale 1/32, T=64, r=8, fp32, 3 steps: a smoke run under a minute")
     add("--json", dest="json_path", help="write the results as JSON")
     add("--plot", help="write a bar chart PNG (needs matplotlib)")
+    add("--no-progress", action="store_true", help="no progress bar (the tables still print)")
     return parser
 
 
@@ -127,7 +128,8 @@ def _run_grid(args: argparse.Namespace, methods: List[str]) -> List[dict]:
             for d in args.dtypes]
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(grid) * len(methods), desc="bench", leave=False)
+        bar = tqdm(total=len(grid) * len(methods), desc="bench", leave=False,
+                   disable=getattr(args, "no_progress", False))
     except ImportError:
         bar = None
 

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         init_data = list(splits.train.batches(args.batch_size, shuffle=True, seed=args.seed + 99))
     if args.method == "lors":
         note_dense_linears("train", model)
+    torch.manual_seed(args.seed)  # the adapters' init (PEFT's Kaiming A, the randomized SVD)
     prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
                   init_data=init_data, init_samples=args.init_samples, compile=args.compile,
                   progress=progress)

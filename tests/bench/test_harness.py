@@ -63,15 +63,17 @@ def test_quick_in_process(tmp_path, capsys):
     assert "llama_mlp" in out and "xSQFT" in out and "peak memory" in out
 
 
-def test_quick_as_a_script(tmp_path):
+@pytest.mark.parametrize("quiet", [False, True], ids=["bar", "no-progress"])
+def test_quick_as_a_script(tmp_path, quiet):
     path = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--quick",
                            "--methods", "lora", "sqft", "lors", "full_sparse_ft",
-                           "--json", str(path)],
+                           "--json", str(path)] + (["--no-progress"] if quiet else []),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     _check_result(json.loads(path.read_text()), ["lora", "sqft", "lors", "full_sparse_ft"])
+    assert ("bench:" in done.stderr) is not quiet  # the tqdm bar, or none with --no-progress
 
 
 def test_unknown_method_is_a_clear_error():

@@ -310,3 +310,26 @@ def test_train_stops_on_a_non_finite_gradient_the_loss_hides():
     with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
         train(model, batches, TrainConfig(steps=2, batch_size=2, progress=False))
 
+
+
+@pytest.mark.parametrize("init", ["zeros", "gradient"])
+def test_cli_train_seed_decides_the_adapters_init(tmp_path, capsys, init):
+    """--seed seeds the adapters' init (PEFT's Kaiming lora_A, the gradient init's randomized
+    SVD): the same seed twice gives the same adapters bit for bit, another seed other ones."""
+    from safetensors.torch import load_file
+
+    from lors_fx import cli
+
+    runs = []
+    for name, seed in (("first", 3), ("again", 3), ("other", 4)):
+        out = tmp_path / name
+        argv = [*_cli_base(tmp_path), "--out", str(out), "--steps", "1", "--seed", str(seed),
+                "--init", init]
+        torch.randn(7 + len(runs))  # a different global RNG state for each run
+        code = cli.main(argv)
+        assert code == 0, capsys.readouterr().err
+        runs.append(load_file(str(out / "adapters" / "adapter_model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][key], runs[1][key]) for key in runs[0])
+    lora_A = [key for key in runs[0] if "lora_A" in key]
+    assert any(not torch.equal(runs[0][key], runs[2][key]) for key in lora_A)
