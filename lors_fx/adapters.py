@@ -68,7 +68,8 @@ def adapter_forward(adapter, x: Tensor) -> Tensor:
     training."""
     weight, bias, s = adapter.true_weight(), adapter.bias, adapter.scaling
     dropout = adapter.training and isinstance(adapter.lora_dropout, nn.Dropout)
-    if adapter.semi_structured and not dropout and not torch.compiler.is_compiling():
+    if getattr(adapter, "semi_structured", False) and not dropout \
+            and not torch.compiler.is_compiling():  # getattr: modules pickled before the flag
         return semi_structured_lora_linear(x, weight, adapter.lora_A, adapter.lora_B, bias, s)
     # The naive form exists only for the compiler's passes to rewrite: outside a dynamo trace
     # (eval, generate, a deep copy) it would save W', so the op runs instead.
