@@ -350,6 +350,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     modules = lors_modules(model)
     if not modules:
         raise ValueError("merge: model has no LoRS adapters")
+    if not all(isinstance(m, _LORS_TYPES) for m in modules.values()):
+        raise ValueError("merge_adapters: the adapters are converted PEFT layers; use "
+                         "lors_fx.merge(model), which also unwraps PEFT")
     _refuse_sharded(model, "merge")
     refuse_non_finite_adapters(model)
     for name, module in modules.items():

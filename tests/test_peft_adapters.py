@@ -354,3 +354,14 @@ def test_a_converted_model_deep_copies_and_pickles_with_its_masked_layers():
             assert len(sites) == 14
             assert all(site.layer is other.get_submodule(name) for name, site in sites.items())
             torch.testing.assert_close(other(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_the_core_merge_refuses_peft_layers_and_points_to_lors_fx_merge():
+    from lors_fx.adapters import merge_adapters
+
+    model = peft_llama()
+    optimize(model, LorsConfig(), compile=False)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="use lors_fx.merge"):
+        merge_adapters(model)
+    assert_unchanged(model, snap)
