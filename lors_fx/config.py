@@ -96,6 +96,10 @@ class LorsConfig:
             16; other layers run the op as usual and are named in a warning with the reason.
             Eager path only (``optimize(..., compile=False)``); needs ``grad_mode="lors"``,
             ``recompute=True``, no dropout. The backward's ``g @ W'`` stays dense.
+        quant_aware: on a quantized base (:class:`lors_fx.quantized.QuantizedLinear`), train
+            through ``Q(W')`` on the base's grid (fake-quantized, straight-through gradient), so
+            the merged quantized model computes exactly what was trained (SQFT's QA idea).
+            Has no effect on float bases; needs ``lora_dropout=0``.
     """
 
     r: int = 16
@@ -117,6 +121,7 @@ class LorsConfig:
     bw_compiler: str = "auto"
     adapter_dtype: str = "float32"
     semi_structured: bool = False
+    quant_aware: bool = False
 
     def __post_init__(self):
         def fail(name, message):
@@ -163,7 +168,8 @@ class LorsConfig:
         for name in ("fw_compiler", "bw_compiler"):
             if getattr(self, name) not in COMPILERS:
                 fail(name, f"must be one of {COMPILERS}, got {getattr(self, name)!r}")
-        for name in ("use_rslora", "recompute", "init_mask_gradient", "semi_structured"):
+        for name in ("use_rslora", "recompute", "init_mask_gradient", "semi_structured",
+                     "quant_aware"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.convert_peft is not None and not isinstance(self.convert_peft, bool):
@@ -172,6 +178,11 @@ class LorsConfig:
                                      or self.lora_dropout > 0):
             fail("semi_structured", "needs grad_mode='lors', recompute=True and lora_dropout=0 "
                  f"(got {self.grad_mode!r}, {self.recompute}, {self.lora_dropout})")
+
+        if self.quant_aware and (self.lora_dropout > 0 or not self.recompute
+                                 or self.semi_structured):
+            fail("quant_aware", "needs lora_dropout=0, recompute=True and semi_structured=False "
+                 f"(got {self.lora_dropout}, {self.recompute}, {self.semi_structured})")
 
     @property
     def scaling(self) -> float:

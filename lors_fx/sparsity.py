@@ -107,6 +107,8 @@ def _linear_weights(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
         weight = getattr(module, "weight", None)
         if is_linear_like(module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
             yield name, oriented_weight(module)
+        elif isinstance(getattr(module, "weight_packed", None), torch.Tensor):
+            yield name, weight  # a quantized linear: its dequantized weight (lors_fx.quantized)
 
 
 def sparsity_report(model: nn.Module) -> List[SparsityRow]:

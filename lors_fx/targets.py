@@ -10,6 +10,7 @@ from torch import nn
 
 from lors_fx._nn import is_linear_like, linear_dims, matches_any
 from lors_fx.config import LorsConfig
+from lors_fx.quantized import QuantizedLinear
 from lors_fx.sparsity import sparsity_of
 
 __all__ = ["find_targets", "ADAPTER_PARTS", "is_adapter_part"]
@@ -42,8 +43,8 @@ def find_targets(model: nn.Module, config: LorsConfig) -> List[Tuple[str, nn.Mod
     if not isinstance(config, LorsConfig):
         raise TypeError(f"config must be a LorsConfig, got {type(config).__name__}")
     # PEFT's lora_A/lora_B linears are adapters themselves (a zero lora_B even looks pruned).
-    linears = [(name, m) for name, m in model.named_modules() if is_linear_like(m)
-               and not is_adapter_part(name)]
+    linears = [(name, m) for name, m in model.named_modules()
+               if (is_linear_like(m) or isinstance(m, QuantizedLinear)) and not is_adapter_part(name)]
     excluded = lambda fqn: matches_any(fqn, config.exclude_modules)
     spec = config.target_modules
 
@@ -99,7 +100,8 @@ def _check_target(name: str, module: nn.Module, config: LorsConfig) -> None:
     if module.weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"target {name} has a {module.weight.dtype} weight: LoRS needs a "
                         f"float weight (dequantize integer/quantized modules first)")
-    d_out, d_in = linear_dims(module)
+    d_out, d_in = (module.out_features, module.in_features) \
+        if isinstance(module, QuantizedLinear) else linear_dims(module)
     if config.r > min(d_in, d_out):
         raise ValueError(f"r={config.r} is larger than min(d_in, d_out)={min(d_in, d_out)} "
                          f"of target {name} ({d_out}x{d_in})")

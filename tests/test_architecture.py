@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 #: API, so it sits in the api layer.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("leaves", ("lors_fx._version", "lors_fx.config", "lors_fx.ops", "lors_fx._nn",
-                "lors_fx._collectives", "lors_fx.semi_structured")),
-    ("core", ("lors_fx.state", "lors_fx.sparsity", "lors_fx.targets", "lors_fx.adapters",
+                "lors_fx._collectives", "lors_fx.semi_structured", "lors_fx.quant",
+                "lors_fx.quant_ops")),
+    ("core", ("lors_fx.state", "lors_fx.sparsity", "lors_fx.quantized", "lors_fx.targets",
+              "lors_fx.adapter_layers", "lors_fx.adapters", "lors_fx.quant_checkpoint",
               "lors_fx.peft_adapters", "lors_fx.init",
               "lors_fx.serialization")),
     ("compiler", ("lors_fx.compiler", "lors_fx.passes")),
@@ -43,7 +45,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 LAZY_IMPORTS = {
     # optional dependencies: the package works without them
     "deepspeed": "optional", "lm_eval": "optional", "matplotlib": "optional",
-    "accelerate": "optional", "peft": "optional", "datasets": "optional", "gguf": "optional",
+    "accelerate": "optional", "peft": "optional", "compressed_tensors": "optional", "datasets": "optional", "gguf": "optional",
     # torch's private and version-specific names stay inside the function that uses them, so a
     # torch that moved one fails there, not at import (lors_fx/compiler/_torch_private.py)
     "torch": "private and distributed submodules, loaded where used",
