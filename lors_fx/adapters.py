@@ -74,6 +74,11 @@ def attach_adapters(model: nn.Module, config: LorsConfig) -> List[str]:
     options = dict(grad_mode=config.grad_mode, recompute=config.recompute,
                    chunk_bytes=config.chunk_bytes, lora_dropout=config.lora_dropout,
                    adapter_dtype=config.adapter_dtype)
+    quantized = [name for name, module in targets if isinstance(module, QuantizedLinear)]
+    if quantized and (config.lora_dropout > 0 or not config.recompute):
+        raise ValueError(f"a quantized base ({quantized[0]}, ...) needs lora_dropout=0 and "
+                         f"recompute=True (the op rebuilds W' from the codes), got "
+                         f"lora_dropout={config.lora_dropout}, recompute={config.recompute}")
     for name, module in targets:
         if isinstance(module, QuantizedLinear):
             adapter = LorsQuantLinear(module, config.r, config.scaling,
