@@ -15,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TESTS=(tests/test_ops.py tests/passes tests/compiler tests/test_api.py tests/test_compile_e2e.py
-       tests/cli/test_merge.py tests/test_adapters.py tests/test_architecture.py)
+       tests/cli/test_merge.py tests/test_adapters.py tests/test_architecture.py
+       tests/test_quant.py tests/test_quant_ops.py tests/test_quantized.py)
 if [ "$#" -eq 0 ]; then
     set -- 2.11.0 2.14.1
 fi

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stride", type=int, default=d["stride"], help="perplexity stride (default max_length)")
     add("--compare-steps", type=int, default=d["compare_steps"],
         help="timed steps per method for LoRS vs SQFT (0 skips the comparison)")
+    add("--bits", type=int, choices=(4, 8), default=d["bits"],
+        help="also quantize the pruned model (sparsity-aware int4/int8), train quantization-"
+        "aware and merge back to a sparse quantized model")
+    add("--group-size", type=int, default=d["group_size"],
+        help="with --bits: inputs per scale (64: SmolLM2's 576-wide inputs take no 128)")
     add("--seed", type=int, default=d["seed"])
     add("--tokenizer", default=d["tokenizer"], metavar="PATH",
         help="tokenizer directory to use instead of SmolLM2's own (must fit its vocabulary)")

@@ -11,6 +11,12 @@
    model, measure again: the merged perplexity must equal the unmerged one to 1e-4 relative
    (the demo fails loudly otherwise).
 
+With ``bits`` (``lors-fx demo --bits 4``) the pruned model is also quantized after step 3
+(sparsity-aware int4/int8, ``group_size`` inputs per scale, :mod:`lors_fx.quantized`), step 4
+times LoRS on the float pruned base against quantization-aware LoRS on the quantized one, step 5
+trains quantization-aware (``LorsConfig(quant_aware=True)``) and step 6 merges back onto the
+grid: a sparse quantized model whose perplexity equals the trained one's.
+
 The command line (``lors-fx demo``: one table, ``--json FILE``) is :mod:`lors_fx.cli.demo`; the
 defaults are sized for a laptop CPU (docs/results.md has the timings).
 """
@@ -30,6 +36,8 @@ from lors_fx._nn import replace_module
 from lors_fx.api import is_optimized, merge
 from lors_fx.methods.baselines import wrapped_modules
 from lors_fx.methods.measure import peak_bytes
+from lors_fx.quant import QuantSpec
+from lors_fx.quantized import quantize_model, quantized_modules
 from lors_fx.sparsity import audit, snapshot_masks, sparsity_report
 from lors_fx.workflows.checks import check_tokenizer_fits, clamp_max_length, dense_linears_skipped
 from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, split_documents
@@ -53,7 +61,7 @@ class DemoSettings(argparse.Namespace):
                 "pattern": None, "seq_len": 128, "batch_size": 2, "lr": 1e-3, "rank": 16,
                 "init": "gradient", "init_samples": 4, "calib_samples": 16, "eval_tokens": 4096,
                 "max_length": 512, "stride": None, "compare_steps": 3, "seed": 0, "json": None,
-                "no_progress": False, "tokenizer": None}
+                "no_progress": False, "tokenizer": None, "bits": None, "group_size": 64}
 
     def __init__(self, **overrides):
         unknown = sorted(set(overrides) - set(self.DEFAULTS))
@@ -77,19 +85,23 @@ def measure_step(model: nn.Module, method: str, batch: dict, *, steps: int = 2, 
 
 
 def compare_methods(model: nn.Module, methods: Sequence[str], batch: dict, *, steps: int = 2,
-                    r: int = 16, lr: float = 1e-4) -> list:
+                    r: int = 16, lr: float = 1e-4, models: Optional[Sequence[nn.Module]] = None,
+                    lors_options: Optional[Sequence[dict]] = None) -> list:
     """Step time and peak memory of each method on its own copy of ``model``, same batch.
 
     A step is forward + backward + AdamW step + zero_grad on ``batch``. Per method: one warm-up
     step (AdamW's state exists afterwards), then one step whose peak is measured
     (:func:`lors_fx.methods.measure.peak_bytes`, CPU). Then ``steps`` timed rounds run the
     methods in turn (a change in machine load hits all of them alike); the median per method is
-    reported.
+    reported. ``models`` (one per method) replaces ``model`` for each method, and
+    ``lors_options`` gives each its :class:`lors_fx.LorsConfig` fields (e.g. ``quant_aware``).
     """
     trials, rows = [], []
-    for method in methods:
-        trial = copy.deepcopy(model)
-        prepare_model(trial, method, r=r, init="zeros")
+    models = [model] * len(methods) if models is None else models
+    options = [{}] * len(methods) if lors_options is None else lors_options
+    for method, source, extra in zip(methods, models, options):
+        trial = copy.deepcopy(source)
+        prepare_model(trial, method, r=r, init="zeros", **extra)
         params = [p for p in trial.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr)
         trial.train()
@@ -178,14 +190,38 @@ def _prune(run: _DemoRun) -> List[str]:
     return pruned
 
 
-def _compare(run: _DemoRun) -> list:
-    """LoRS against SQFT, step time and peak memory (``compare_steps`` = 0 skips it)."""
+def _compare(run: _DemoRun, float_model: Optional[nn.Module] = None) -> list:
+    """LoRS against SQFT, step time and peak memory (``compare_steps`` = 0 skips it); with a
+    quantized model, LoRS on the float pruned base against QA-LoRS on the quantized one."""
     if not run.s.compare_steps:
         return []
     batch = next(iter(run.splits.train.batches(run.s.batch_size)))
+    if float_model is not None:
+        run.say(f"step time and peak memory: LoRS (float base) vs QA-LoRS (int{run.s.bits} base)")
+        rows = compare_methods(run.model, ("lors", "lors"), batch, steps=run.s.compare_steps,
+                               r=run.s.rank, models=(float_model, run.model),
+                               lors_options=({}, {"quant_aware": True}))
+        rows[1]["method"] = f"qa-lors int{run.s.bits}"
+        return rows
     run.say("step time and peak memory: LoRS vs SQFT")
     return compare_methods(run.model, ("lors", "sqft"), batch, steps=run.s.compare_steps,
                            r=run.s.rank)
+
+
+def _quantize(run: _DemoRun) -> dict:
+    """Quantize the pruned linears (round to nearest on the sparsity-aware grid); returns the
+    bytes of their float weights and of their codes + scales."""
+    s = run.s
+    float_bytes = {name: m.weight.numel() * m.weight.element_size()
+                   for name, m in run.model.named_modules() if isinstance(m, nn.Linear)}
+    run.say(f"quantizing: int{s.bits}, group size {s.group_size}")
+    names = quantize_model(run.model, QuantSpec(s.bits, s.group_size), min_sparsity=0.25)
+    quantized = quantized_modules(run.model)
+    return {"bits": s.bits, "group_size": s.group_size, "quantized_linears": len(names),
+            "linear_bytes_float": sum(float_bytes[name] for name in names),
+            "linear_bytes_quantized": sum(t.numel() * t.element_size() for name in names
+                                          for t in (quantized[name].weight_packed,
+                                                    quantized[name].weight_scale))}
 
 
 def _finetune(run: _DemoRun, init: str) -> TrainResult:
@@ -196,8 +232,9 @@ def _finetune(run: _DemoRun, init: str) -> TrainResult:
         init_data = list(run.splits.train.batches(s.batch_size, shuffle=True,
                                                   seed=s.seed + 99))[: max(1, s.init_samples)]
     run.say(f"fine-tuning: {s.method}, init={init}, {s.steps} steps of {s.batch_size}x{s.seq_len}")
+    extra = {"quant_aware": True} if getattr(s, "bits", None) else {}
     prepare_model(run.model, s.method, r=s.rank, init=init, init_data=init_data,
-                  init_samples=s.init_samples, progress=run.progress)
+                  init_samples=s.init_samples, progress=run.progress, **extra)
     config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
                          warmup_ratio=0.1, progress=run.progress)
     return train(run.model, run.splits.train, config)
@@ -216,7 +253,15 @@ def run_demo(settings: Optional[argparse.Namespace] = None) -> dict:
     run.lap("prune")
     ppl["pruned"] = run.perplexity("pruned")
     run.lap("ppl_pruned")
-    compare = _compare(run)
+    quantization, float_model = {}, None
+    if getattr(s, "bits", None):
+        float_model = copy.deepcopy(run.model) if s.compare_steps else None
+        quantization = _quantize(run)
+        ppl["pruned_float"], ppl["pruned"] = ppl["pruned"], run.perplexity(f"int{s.bits}")
+        quantization["ppl_pruned_float"] = ppl["pruned_float"].perplexity
+        run.lap("quantize")
+    compare = _compare(run, float_model)
+    del float_model
     run.lap("compare")
     init = s.init if s.method == "lors" else "zeros"
     history = _finetune(run, init)
@@ -233,7 +278,9 @@ def run_demo(settings: Optional[argparse.Namespace] = None) -> dict:
             "audit_ok": result.ok and not result.lost_nonzeros, "audit": result.summary(),
             "new_nonzeros": sum(result.new_nonzeros.values()),
             "lost_nonzeros": sum(result.lost_nonzeros.values()),
-            **_training_summary(history), "compare": compare, "timings_seconds": run.timings,
+            **_training_summary(history), "compare": compare, "quantization": quantization,
+            "quantized_layers_after_merge": len(quantized_modules(run.model)),
+            "timings_seconds": run.timings,
             "total_seconds": round(sum(run.timings.values()), 2)}
 
 
@@ -274,12 +321,25 @@ def format_summary(summary: dict) -> str:
     method = summary["method"].upper() if summary["method"] != "lors" else "LoRS"
     pattern = summary["pattern"] if summary["pattern"] != "unstructured" \
         else f"{summary['sparsity_target']:.0%}"
-    rows = [
-        ["perplexity, dense", f"{summary['ppl_dense']:.3f}"],
-        [f"perplexity, {summary['prune']} {pattern}", f"{summary['ppl_pruned']:.3f}"],
+    quantization = summary.get("quantization") or {}
+    rows = [["perplexity, dense", f"{summary['ppl_dense']:.3f}"]]
+    if quantization:
+        bits = f"int{quantization['bits']} g{quantization['group_size']}"
+        rows += [[f"perplexity, {summary['prune']} {pattern}",
+                  f"{quantization['ppl_pruned_float']:.3f}"],
+                 [f"perplexity, {summary['prune']} {pattern} + {bits}",
+                  f"{summary['ppl_pruned']:.3f}"],
+                 ["linear weights, float -> quantized",
+                  f"{quantization['linear_bytes_float'] / 2**20:.1f} MiB -> "
+                  f"{quantization['linear_bytes_quantized'] / 2**20:.1f} MiB"]]
+        method = "QA-LoRS"
+    else:
+        rows.append([f"perplexity, {summary['prune']} {pattern}", f"{summary['ppl_pruned']:.3f}"])
+    rows += [
         [f"perplexity, {method} ({summary['steps']} steps, unmerged)",
          f"{summary['ppl_tuned']:.3f}"],
-        ["perplexity, merged", f"{summary['ppl_merged']:.3f}"],
+        ["perplexity, merged" + (f" (sparse int{quantization['bits']})" if quantization else ""),
+         f"{summary['ppl_merged']:.3f}"],
         ["log-ppl gap recovered", "n/a" if summary["gap_recovered"] is None
          else f"{summary['gap_recovered']:.1%}"],
         ["sparsity before / after merge",
@@ -291,7 +351,10 @@ def format_summary(summary: dict) -> str:
                      f"{row['step_seconds']:.2f} s / {row['peak_bytes'] / 2**20:.0f} MiB"])
     if len(summary["compare"]) == 2:
         lors, sqft = summary["compare"]
-        rows.append(["LoRS vs SQFT (time, memory)",
+        if quantization:  # the quantized row against the float one
+            lors, sqft = sqft, lors
+        rows.append(["QA-LoRS int vs LoRS float (time, memory)" if quantization else
+                     "LoRS vs SQFT (time, memory)",
                      f"{lors['step_seconds'] / sqft['step_seconds']:.2f}x, "
                      f"{lors['peak_bytes'] / max(1, sqft['peak_bytes']):.2f}x"])
     rows.append(["wall time", f"{summary['total_seconds']:.0f} s"])

@@ -72,3 +72,26 @@ def test_demo_two_steps_on_smollm2(tmp_path, capfd):
     assert data["ppl_pruned"] > data["ppl_dense"] > 1
     assert data["merge_relative_difference"] <= 1e-4
     assert data["eval"]["tokens"] > 0
+
+
+def test_demo_bits_4_two_steps_on_smollm2(tmp_path, capfd):
+    """`lors-fx demo --bits 4`, shrunk: Wanda 50% + int4 g64, QA-LoRS 2 steps, merged back to a
+    sparse int4 model whose perplexity equals the trained one; the audit holds."""
+    out = tmp_path / "demo.json"
+    code = cli.main(["demo", "--bits", "4", "--steps", "2", "--seq-len", "32", "--batch-size",
+                     "1", "--eval-tokens", "96", "--max-length", "48", "--calib-samples", "2",
+                     "--init-samples", "1", "--compare-steps", "1", "--no-progress",
+                     "--json", str(out)])
+    printed = capfd.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "int4 g64" in printed.out and "QA-LoRS" in printed.out
+    data = json.loads(out.read_text())
+    quantization = data["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == 64
+    assert quantization["quantized_linears"] == data["quantized_layers_after_merge"] > 0
+    assert quantization["linear_bytes_quantized"] / quantization["linear_bytes_float"] < 0.15
+    assert data["audit_ok"] and data["new_nonzeros"] == 0 and data["lost_nonzeros"] == 0
+    assert data["sparsity_before"] == data["sparsity_after"] == 0.5
+    assert data["ppl_pruned"] != quantization["ppl_pruned_float"]
+    assert data["merge_relative_difference"] <= 1e-4
+    assert [row["method"] for row in data["compare"]] == ["lors", "qa-lors int4"]
