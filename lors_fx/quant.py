@@ -95,20 +95,24 @@ def compute_scales(weight: Tensor, bits: int, group_size: int,
 
 
 def _round(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
+    """float32 codes: ``|q| = clamp(round(|v| / scale), 1, qmax)`` with the sign of ``v`` (so a kept
+    weight never rounds to 0; ``round`` is symmetric, so this is ``round(v / scale)`` elsewhere),
+    times the 0/1 ``kept``: pruned positions are 0, NaN at a kept position stays NaN. In place
+    on one float32 copy of the chunk (the QA forward calls it on every chunk of W')."""
     rows, cols = values.shape
     groups = scales.shape[1]
-    ratio = values.float().view(rows, groups, cols // groups) / scales.float().unsqueeze(-1)
-    q = ratio.round_().clamp_(-QMAX[bits], QMAX[bits]).view(rows, cols)
-    away = torch.where(values >= 0, 1.0, -1.0)
-    q = torch.where(kept & (q == 0), away, q)
-    return torch.where(kept, q, torch.zeros_like(q))  # NaN stays NaN at kept positions
+    safe = scales.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    q = values.float().abs() if values.dtype != torch.float32 else values.abs()
+    q.view(rows, groups, cols // groups).div_(safe)
+    q.round_().clamp_(1, QMAX[bits]).copysign_(values)
+    return q.mul_(kept if kept.dtype == torch.float32 else kept.to(torch.float32))
 
 
 def round_to_codes(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
     """``int8`` codes of ``values`` (rows x cols) on ``scales`` (rows x cols/group, broadcast over
-    each group), in float32: ``round(v / scale)`` clamped to ``+-qmax``; where ``kept`` (bool) a 0
-    becomes ``+-1`` (sign of ``v``, ``+1`` for 0); where not kept the code is 0. Raises on NaN/inf
-    at a kept position (no code holds it)."""
+    each group), in float32: ``round(v / scale)`` clamped to ``+-qmax``; where ``kept`` (bool, or
+    a float32 0/1 mask) a 0 becomes ``+-1`` (the sign bit of ``v``: ``+1`` for ``+0.0``); where not
+    kept the code is 0. Raises on NaN/inf at a kept position (no code holds it)."""
     q = _round(values, scales, kept, bits)
     if not torch.isfinite(q).all():
         raise FloatingPointError("quantization: NaN/inf at a kept position; no code holds it")
@@ -163,7 +167,11 @@ def fake_quantize_rows_(values: Tensor, scales: Tensor, kept: Tensor, bits: int)
     training): the codes :func:`round_to_codes` gives, times their scale, in ``values``' dtype,
     exactly as :func:`dequantize_rows` computes them. NaN/inf at a kept position stays NaN."""
     q = _round(values, scales, kept, bits)
-    values.copy_(q)
-    values.view(values.shape[0], scales.shape[1], -1).mul_(
-        scales.to(values.dtype).unsqueeze(-1))
+    view = values.view(values.shape[0], scales.shape[1], -1)
+    scale = scales.to(values.dtype).unsqueeze(-1)
+    if q.dtype == values.dtype:  # float32: q is integer-valued, so q * scale is the same product
+        torch.mul(q.view_as(view), scale, out=view)
+    else:
+        values.copy_(q)
+        view.mul_(scale)
     return values
