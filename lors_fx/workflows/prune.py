@@ -22,20 +22,30 @@ models (the inputs of block i are captured, its linears are pruned, and the prun
 make the inputs of block i+1), so activations of only one block are held at a time. Models without
 a block list are calibrated with whole-model hooks. The ``lors-fx prune`` subcommand is
 :mod:`lors_fx.cli.prune`.
+
+With ``bits``, every pruned linear ends as a :class:`lors_fx.quantized.QuantizedLinear` whose
+zero codes are exactly the mask: SparseGPT prunes and quantizes in one sweep (the paper's joint
+mode), Wanda and magnitude prune and then run GPTQ with the mask fixed, or round to nearest
+(``quant_method="rtn"``). The sweep and the scales live in :mod:`lors_fx.workflows.quantize`,
+which also quantizes an already-pruned model (``quantize_pruned_model``).
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from lors_fx._nn import is_linear_like, matches_any, oriented_weight
+from lors_fx._nn import is_linear_like, oriented_weight, replace_module
+from lors_fx.quant import QuantSpec
+from lors_fx.quantized import QuantizedLinear
 from lors_fx.sparsity import SparsityRow, sparsity_report
-from lors_fx.workflows.calibration import (InputStats, blockwise_statistics, calibration_batches,
-                                           collect_input_stats, find_blocks, run_model)
+from lors_fx.workflows.calibration import InputStats, calibration_batches, find_blocks
+from lors_fx.workflows.quantize import (QUANT_METHODS, check_quantization,
+                                        obs_sweep, quantize_calibrated_linear, run_on_targets,
+                                        sparsegpt_quantized_linear, target_linears)
 
 __all__ = ["PRUNE_METHODS", "parse_pattern", "prune_mask", "magnitude_prune_", "prune_model",
            "find_blocks", "target_linears"]
@@ -92,37 +102,6 @@ def _weight_view(module: nn.Module) -> Tensor:
     return oriented_weight(module).data
 
 
-def _matches(name: str, patterns) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return matches_any(name, patterns)
-
-
-def target_linears(model: nn.Module, targets=None,
-                   exclude: Sequence[str] = ("lm_head",)) -> Dict[str, nn.Module]:
-    """``{name: module}`` of the linears to prune: all (``targets=None``), those whose name ends
-    with one of ``targets``, or those fully matching ``targets`` as a regex; minus ``exclude``.
-
-    Raises ``ValueError`` when a target shares its weight with an embedding (tied ``lm_head``),
-    since pruning it would prune the embeddings too.
-    """
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    chosen = {}
-    for name, module in model.named_modules():
-        if not is_linear_like(module) or not name or _matches(name, exclude):
-            continue
-        if targets is not None and not _matches(name, targets):
-            continue
-        if id(module.weight) in embedding_weights:
-            raise ValueError(f"targets: {name} shares its weight with an embedding (tied "
-                             f"embeddings); pruning it would prune the embeddings: exclude it")
-        chosen[name] = module
-    if targets is not None and not chosen:
-        raise ValueError(f"targets: {targets!r} matched no linear module of the model")
-    return chosen
-
-
 @torch.no_grad()
 def _write_pruned(module_weight: Tensor, new_values: Tensor, pruned: Tensor) -> None:
     """Write ``new_values`` (fp32) with ``pruned`` zeroed into the weight view, keeping every kept
@@ -172,66 +151,11 @@ def magnitude_prune_(module_or_weight: Union[nn.Module, Tensor], sparsity: Optio
 
 
 @torch.no_grad()
-def _sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, nm, blocksize: int,
-               percdamp: float) -> Tuple[Tensor, Tensor]:
-    """SparseGPT on one ``(d_out, d_in)`` weight: returns ``(new fp32 values, pruned mask)``."""
-    W = weight.float().clone()
-    rows, cols = W.shape
-    if nm is not None:
-        if cols % nm[1]:
-            raise ValueError(f"pattern: {nm[0]}:{nm[1]} needs the input dim to be a multiple of "
-                             f"{nm[1]}, got a weight of shape {(rows, cols)}")
-        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
-    H = stats.xtx * (2.0 / max(1, stats.count))
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0  # an input never seen: no information, keep H invertible
-    damp = percdamp * torch.mean(torch.diag(H))
-    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
-    for attempt in range(6):  # grow the damping until H is numerically positive definite
-        chol, info = torch.linalg.cholesky_ex(H + damp * (10 ** attempt) * eye)
-        if int(info) == 0:
-            break
-    else:
-        raise RuntimeError("sparsegpt: the calibration Hessian is not positive definite even "
-                           "with 1e5x damping; use more calibration data")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    prune_n = None if nm is None else nm[1] - nm[0]
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        diag1 = torch.diag(Hinv1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if nm is None:
-            # exact layer count: this block takes its share of floor(s * rows * cols)
-            k = (math.floor(sparsity * rows * i2 + 1e-6) - math.floor(sparsity * rows * i1 + 1e-6))
-            if k:
-                score = (W1.pow(2) / diag1.pow(2).unsqueeze(0)).flatten()
-                mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            d = diag1[i]
-            if prune_n is not None and i % nm[1] == 0:
-                score = W1[:, i:i + nm[1]].pow(2) / diag1[i:i + nm[1]].pow(2).unsqueeze(0)
-                lowest = torch.topk(score, prune_n, dim=1, largest=False).indices
-                mask1.scatter_(1, i + lowest, True)
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W, pruned
-
-
-@torch.no_grad()
-def _prune_one(module: nn.Module, method: str, sparsity: float, nm, stats: Optional[InputStats],
-               blocksize: int, percdamp: float) -> None:
+def _prune_one(module: nn.Module, name: str, method: str, sparsity: float, nm,
+               stats: Optional[InputStats], blocksize: int, percdamp: float,
+               quant: Optional[Tuple[QuantSpec, str]]) -> Optional[QuantizedLinear]:
+    """Prune ``module`` in place; with ``quant`` (grid, ``"gptq"``/``"rtn"``), return its
+    quantized replacement (SparseGPT + GPTQ: the joint sweep, which leaves ``module`` as is)."""
     weight = _weight_view(module)
     if method == "magnitude":
         scores = weight.abs().float()
@@ -240,11 +164,19 @@ def _prune_one(module: nn.Module, method: str, sparsity: float, nm, stats: Optio
                            f"({method} needs activations)")
     elif method == "wanda":
         scores = weight.abs().float() * stats.sumsq.sqrt().unsqueeze(0)
+    elif quant is not None and quant[1] == "gptq":
+        return sparsegpt_quantized_linear(module, stats, quant[0], sparsity, nm, name,
+                                          blocksize, percdamp)
     else:
-        values, pruned = _sparsegpt(weight, stats, sparsity, nm, blocksize, percdamp)
+        values, pruned = obs_sweep(weight, stats, blocksize, percdamp, sparsity=sparsity, nm=nm)
         _write_pruned(weight, values, pruned)
-        return
-    weight.masked_fill_(prune_mask(scores, sparsity, nm), 0.0)
+        scores = None
+    if scores is not None:
+        weight.masked_fill_(prune_mask(scores, sparsity, nm), 0.0)
+    if quant is None:
+        return None
+    return quantize_calibrated_linear(module, quant[0], quant[1], stats, name, blocksize,
+                                      percdamp)
 
 
 def _check_arguments(model: nn.Module, method: str, pattern: Optional[str],
@@ -271,76 +203,78 @@ def _check_arguments(model: nn.Module, method: str, pattern: Optional[str],
     return nm, sparsity, modules
 
 
-def _prune_calibrated(model: nn.Module, modules: Dict[str, nn.Module], batches: List[dict],
-                      bar: Callable, prune: Callable[[nn.Module, InputStats], None],
-                      hessian: bool) -> None:
-    """Collect input statistics and ``prune(module, stats)`` every target: block by block for
-    an HF decoder, with whole-model hooks for other models and targets outside the blocks."""
-    # blocks run in sequence only by the convention of HF decoders: others use whole-model hooks
-    blocks = find_blocks(model) if hasattr(model, "config") else None
-    by_module = {id(m): n for n, m in modules.items()}
-    in_blocks = ({} if blocks is None else
-                 {by_module[id(m)]: m for m in blocks.modules() if id(m) in by_module})
-    outside = {n: m for n, m in modules.items() if n not in in_blocks}
-    if outside:
-        device = next(model.parameters()).device
-        stats = collect_input_stats(outside, hessian,
-                                    lambda: [run_model(model, b, device) for b in batches])
-        for name in bar(outside, "linear"):
-            prune(outside[name], stats[name])
-    if in_blocks:
-        for block_stats in blockwise_statistics(model, blocks, in_blocks, batches, hessian,
-                                                lambda items: bar(items, "block")):
-            for module, stats in block_stats.values():
-                prune(module, stats)
+def _check_quantization(modules: Dict[str, nn.Module], method: str, bits: Optional[int],
+                        group_size: Optional[int], quant_method: str,
+                        batches: List[dict]) -> Optional[Tuple[QuantSpec, str]]:
+    """``(grid, quant_method)`` (None without ``bits``) once every target is checked."""
+    if quant_method not in QUANT_METHODS:
+        raise ValueError(f"quant_method: must be one of {QUANT_METHODS}, got {quant_method!r}")
+    if bits is None:
+        return None
+    spec = check_quantization(modules, bits, group_size, quant_method)
+    if method == "magnitude" and quant_method == "gptq" and not batches:
+        raise ValueError("calibration: magnitude pruning with quant_method='gptq' needs "
+                         "calibration inputs (input_ids tensors) for GPTQ; pass them or use "
+                         "quant_method='rtn'")
+    return spec, quant_method
 
 
 @torch.no_grad()
 def prune_model(model: nn.Module, method: str = "wanda", sparsity: Optional[float] = None,
                 pattern: Optional[str] = None, calibration: Optional[Iterable] = None, *,
                 targets=None, exclude: Sequence[str] = ("lm_head",), progress: bool = True,
-                blocksize: int = 128, percdamp: float = 0.01) -> List[SparsityRow]:
-    """Prune the target linears of ``model`` in place and return their sparsity rows.
+                blocksize: int = 128, percdamp: float = 0.01, bits: Optional[int] = None,
+                group_size: Optional[int] = 128, quant_method: str = "gptq") -> List[SparsityRow]:
+    """Prune the target linears of ``model`` in place (and quantize them, with ``bits``) and
+    return their sparsity rows.
 
     Args:
         model: a decoder model (HF ``*ForCausalLM`` or any module; see the module docstring).
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
         sparsity: fraction of zeros (default 0.5; implied by ``pattern`` when given).
         pattern: None/``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``) along the input dim.
-        calibration: for Wanda/SparseGPT, an iterable of ``input_ids`` tensors (1-D or 2-D) or
-            dicts with ``input_ids`` (e.g. ``lors_fx.workflows.data`` batches), or a 2-D tensor
-            of blocks.
+        calibration: for Wanda/SparseGPT (and GPTQ), an iterable of ``input_ids`` tensors (1-D or
+            2-D) or dicts with ``input_ids`` (e.g. ``lors_fx.workflows.data`` batches), or a 2-D
+            tensor of blocks.
         targets: None (every linear), name suffixes, or one regex matched against full names.
         exclude: name suffixes never pruned (``lm_head``: tied to the embeddings).
         progress: show a tqdm bar per block.
-        blocksize, percdamp: SparseGPT's column block width and Hessian damping.
+        blocksize, percdamp: the column block width and Hessian damping of SparseGPT and GPTQ.
+        bits: 4 or 8 to replace every pruned linear by a :class:`lors_fx.quantized.QuantizedLinear`
+            (scales and bias in the weight's dtype; codes 0 exactly where pruned); None: no
+            quantization.
+        group_size: inputs per scale (must divide every target's ``d_in``); None: one per row.
+        quant_method: ``"gptq"`` (SparseGPT: the joint prune-and-quantize sweep; Wanda and
+            magnitude: GPTQ with the mask fixed, on the calibration inputs) or ``"rtn"`` (round
+            to nearest after pruning). See :mod:`lors_fx.workflows.quantize`.
 
     Returns:
         :class:`lors_fx.sparsity.SparsityRow` for each pruned module.
+
+    Raises:
+        ValueError: a bad argument (method, sparsity, pattern, bits, group size, quant_method,
+        missing calibration); the model is then unchanged.
     """
     from tqdm.auto import tqdm
 
     nm, sparsity, modules = _check_arguments(model, method, pattern, sparsity, targets, exclude,
                                              blocksize, percdamp)
+    calibrated = method != "magnitude" or (bits is not None and quant_method == "gptq")
+    batches = calibration_batches(calibration) if calibrated else []
+    quant = _check_quantization(modules, method, bits, group_size, quant_method, batches)
+    if method != "magnitude" and not batches:
+        raise ValueError(f"calibration: {method} needs calibration inputs (input_ids tensors)")
     label = f"{method} {f'{nm[0]}:{nm[1]}' if nm else f'{sparsity:g}'}"
+    label += f" int{bits} {quant_method}" if quant else ""
 
     def bar(items, unit):
         return tqdm(items, desc=label, disable=not progress, unit=unit)
 
-    def prune(module, stats):
-        _prune_one(module, method, sparsity, nm, stats, blocksize, percdamp)
+    def prune(name, module, stats):
+        new = _prune_one(module, name, method, sparsity, nm, stats, blocksize, percdamp, quant)
+        if new is not None:
+            replace_module(model, name, new)
 
-    if method == "magnitude":
-        for module in bar(modules.values(), "linear"):
-            prune(module, None)
-        return [row for row in sparsity_report(model) if row.name in modules]
-    batches = calibration_batches(calibration)
-    if not batches:
-        raise ValueError(f"calibration: {method} needs calibration inputs (input_ids tensors)")
-    was_training = model.training
-    model.eval()
-    try:
-        _prune_calibrated(model, modules, batches, bar, prune, hessian=method == "sparsegpt")
-    finally:
-        model.train(was_training)
+    run_on_targets(model, modules, batches if calibrated else None, bar, prune,
+         hessian=method == "sparsegpt" or (quant is not None and quant_method == "gptq"))
     return [row for row in sparsity_report(model) if row.name in modules]
