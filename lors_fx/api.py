@@ -23,6 +23,7 @@ from lors_fx.config import LorsConfig
 from lors_fx.distributed.fsdp import attach_sharded
 from lors_fx.init import gradient_init
 from lors_fx.peft_adapters import convert_peft_layers, has_peft_layers, merge_peft
+from lors_fx.quant_checkpoint import convert_compressed_tensors
 from lors_fx.serialization import load_adapter_config, load_adapters
 
 __all__ = ["optimize", "merge", "remove_adapters", "restore_adapters", "is_optimized",
@@ -47,6 +48,13 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     ``lora_B``, so ``peft_model.save_pretrained`` and PEFT's optimizer groups keep working; ``r``,
     ``lora_alpha`` and dropout are PEFT's, ``target_modules`` must be None.
 
+    A model loaded from a compressed-tensors checkpoint (``AutoModelForCausalLM.from_pretrained``
+    of an int4/int8 ``pack-quantized`` directory, such as :func:`lors_fx.quant_checkpoint.
+    save_quantized` writes) has its quantized linears converted first, losslessly, into
+    :class:`lors_fx.quantized.QuantizedLinear` (:func:`lors_fx.quant_checkpoint.
+    from_compressed_tensors`: bad grids are refused before anything changes); those get adapters
+    like any quantized base, and if a later step fails the compressed-tensors layers are put back.
+
     Args:
         model: a PyTorch / HF model with pruned ``nn.Linear`` (or GPT-2 ``Conv1D``) layers, or a
             PEFT model on such a base.
@@ -69,6 +77,16 @@ def optimize(model: nn.Module, config: Optional[LorsConfig] = None, *, compile: 
     if config.init != "gradient" and init_data is not None:
         raise ValueError("optimize: init_data is only used with config.init='gradient' "
                          f"(config.init={config.init!r})")
+    conversion = convert_compressed_tensors(model)  # refuses, changing nothing, or converts all
+    try:
+        return _adapt(model, config, compile, init_data, loss_fn)
+    except BaseException:
+        conversion.restore()
+        raise
+
+
+def _adapt(model, config, compile, init_data, loss_fn) -> nn.Module:
+    """:func:`optimize` once its arguments are checked: a PEFT, sharded or plain model."""
     if has_peft_layers(model):
         return _optimize_peft(model, config, compile, init_data, loss_fn)
     if is_sharded(model):  # FSDP2 already sharded it (order B in lors_fx.distributed)

@@ -18,7 +18,7 @@ base whose pattern differs (another pruning of the same model). The fingerprint 
 safetensors header's metadata (key ``lors_mask_fingerprint``), not in ``adapter_config.json``: older
 lors_fx reads that JSON into a :class:`LorsConfig`, which rejects unknown keys, and every reader
 ignores the header metadata, so files with a fingerprint still load everywhere. Files without one
-(written before it existed) load with a warning.
+(written before it existed) load with a warning. Key ``lors_quant_grid``: quantized sites' grids.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: safetensors metadata key of the mask fingerprint (a JSON string)
 FINGERPRINT_KEY = "lors_mask_fingerprint"
 _FINGERPRINT_ALGORITHM = "sha256-packbits-rows-v1"
+GRID_KEY = "lors_quant_grid"  # safetensors metadata: each quantized site's grid
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order: first element = high bit
 #: ``peft_type`` written to ``adapter_config.json``: PEFT shows it in the error it raises.
 LORS_PEFT_TYPE = ("LORS: lors_fx sparsity-preserving adapters, which PEFT cannot apply (B@A must "
@@ -152,6 +153,8 @@ def save_adapters(model: nn.Module, path: str) -> List[str]:
     metadata = {"format": "pt"}
     if fingerprint is not None:
         metadata[FINGERPRINT_KEY] = json.dumps(fingerprint, sort_keys=True)
+    if any(hasattr(m, "weight_scale") for m in modules.values()):  # quantized bases: their grids
+        metadata[GRID_KEY] = json.dumps(_quant_grids(modules), sort_keys=True)
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata=metadata)
     with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
@@ -337,6 +340,27 @@ def _check_fingerprint(model: nn.Module, saved: Optional[dict], weights_path: st
                          f"adapters were trained on (lors-fx train --prune saves it in OUT/base)")
 
 
+def _quant_grids(modules: Dict[str, nn.Module]) -> Dict[str, dict]:
+    """Each quantized site's bits, group size, quant_aware and a sha256 of its scales."""
+    return {plain_name(name): dict(bits=m.bits, group_size=m.group_size, quant_aware=bool(
+        m.quant_aware), scales=hashlib.sha256(full_tensor(m.weight_scale).detach().float().cpu()
+                                              .contiguous().numpy().tobytes()).hexdigest()[:16])
+            for name, m in modules.items() if hasattr(m, "weight_scale")}
+
+
+def _check_grids(current: Dict[str, dict], metadata: Dict[str, str], weights_path: str) -> None:
+    """Refuse adapters trained ``quant_aware`` on another grid than the base's; warn for others."""
+    saved, strip = json.loads(metadata.get(GRID_KEY, "{}")), lambda g: dict(g, quant_aware=None)
+    differ = [name for name, grid in saved.items() if strip(grid) != strip(current.get(name, {}))]
+    if differ:
+        what = (f"load_adapters: {differ[0]} ({len(differ)} in all) is not on the grid of "
+                f"{weights_path} ({saved[differ[0]]}; here {current.get(differ[0], 'float')})")
+        if any(saved[name].get("quant_aware") for name in differ):
+            raise ValueError(f"{what}; they were trained quant_aware, so their values only make "
+                             f"sense on that grid: use that base (nothing was loaded)")
+        warnings.warn(f"{what}; loading anyway", UserWarning, stacklevel=4)
+
+
 @torch.no_grad()
 def load_adapters(model: nn.Module, path: str) -> List[str]:
     """Load adapters saved by :func:`save_adapters` into an optimized ``model``, bit for bit.
@@ -348,6 +372,7 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
     changes nothing. Unreadable files (truncated, not JSON) are errors that name the file.
     Pickle files are refused. A directory PEFT wrote for a LoRA adapter loads too (no
     fingerprint there: the pattern is not checked). Returns the names of the modules loaded.
+    On quantized bases, adapters trained ``quant_aware`` on another grid are refused (others warn).
     """
     weights_path, config_path = _resolve_files(path)
     modules = lors_modules(model)
@@ -369,6 +394,7 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
         if not tensors[key].dtype.is_floating_point:
             raise TypeError(f"load_adapters: {key} is {tensors[key].dtype}, expected a float")
     _check_fingerprint(model, _parse_fingerprint(metadata, weights_path), weights_path)
+    _check_grids(_quant_grids(modules), metadata, weights_path)
     for key, param in expected.items():
         param.copy_(tensors[key])
     return list(modules)
