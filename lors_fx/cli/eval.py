@@ -2,6 +2,8 @@
 accuracy (lm-eval), of a saved model and its LoRS adapters.
 
 The measurements are :mod:`lors_fx.workflows.evaluate`; this module is their command line.
+A quantized checkpoint (compressed-tensors) is evaluated as it is; ``--bits 4|8`` quantizes a
+float pruned model first (calibrated on the non-held-out documents), e.g. to see what int4 costs.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import json
 from lors_fx.api import restore_adapters
 from lors_fx.cli._guards import add_tokenizer_argument, note, text_tokenizer
 from lors_fx.cli._output import GIT_NOISE_PREFIXES, filtered_stderr
+from lors_fx.cli._quant import add_quant_arguments, quantize_for_cli
 from lors_fx.workflows.checks import clamp_max_length
-from lors_fx.workflows.data import load_texts, split_documents
+from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, split_documents
 from lors_fx.workflows.embedded import load_model
 from lors_fx.workflows.evaluate import PAPER_TASKS, text_perplexity, zero_shot
 
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"zero-shot tasks (lm-eval); bare --tasks = {' '.join(PAPER_TASKS)}")
     add("--tasks-dir", default=None, help="folder of <task>.jsonl files (offline)")
     add("--limit", type=int, default=None, help="examples per task")
+    add_quant_arguments(parser)
     add("--seed", type=int, default=0)
     add("--json", metavar="FILE", help="also write the results as JSON")
     add("--no-progress", action="store_true")
@@ -60,9 +64,14 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, progress=progress)
     tokenizer = text_tokenizer(args, model, tokenizer, "evaluation")
     max_length, stride = _window(model, args.max_length, args.stride)
+    texts = load_texts(args.data, progress=progress)
+    if args.bits:
+        splits = build_lm_splits(texts, tokenizer, block_size=min(256, max_length),
+                                 eval_fraction=args.eval_fraction, seed=args.seed)
+        quantize_for_cli(model, args, calibration_sample(splits.train, min(32, len(splits.train)),
+                                                         seed=args.seed))
     if args.adapters:
         restore_adapters(model, args.adapters)
-    texts = load_texts(args.data, progress=progress)
     _, held_out = split_documents(len(texts), args.eval_fraction, args.seed)
     ppl = text_perplexity(model, tokenizer, [texts[i] for i in held_out],
                           max_length=max_length, stride=stride,

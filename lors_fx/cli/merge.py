@@ -7,7 +7,9 @@ mask fingerprint saved with the adapters, e.g. another pruning of the same model
 module that differs), :func:`lors_fx.merge`, audit that the zero pattern is
 bit-for-bit the base's (no pruned weight became nonzero, no kept weight became zero), and
 ``save_pretrained`` the merged model (plus the tokenizer). The output loads with plain
-``transformers.AutoModelForCausalLM.from_pretrained``; it needs no lors_fx.
+``transformers.AutoModelForCausalLM.from_pretrained``; it needs no lors_fx. A quantized base (a
+compressed-tensors checkpoint, e.g. from ``lors-fx prune --bits 4``) is merged onto its own grid
+and saved in the same format (``from_pretrained`` then needs ``compressed-tensors``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from lors_fx.api import merge, restore_adapters
 from lors_fx.cli._guards import add_tokenizer_argument, text_tokenizer
+from lors_fx.cli._quant import save_model
 from lors_fx.sparsity import audit, snapshot_masks
 from lors_fx.workflows.embedded import load_model
 
@@ -67,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"lors-fx merge: {report['summary']} (lost nonzeros: {report['lost_nonzeros']}); "
               f"nothing saved", file=sys.stderr)
         return 1
-    model.save_pretrained(args.out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+    save_model(model, tokenizer, args.out)
     print(f"{report['summary']}; zero pattern identical to the base; saved {args.out}")
     return 0

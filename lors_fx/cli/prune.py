@@ -1,5 +1,8 @@
 """``lors-fx prune MODEL --method wanda --sparsity 0.5 --out DIR``: prune a saved model
 (magnitude, Wanda, SparseGPT; unstructured or N:M), save it, print the sparsity report.
+With ``--bits 4|8 --group-size 128`` the pruned linears are also quantized (sparsity-aware;
+``--method sparsegpt`` prunes and quantizes in one sweep, SparseGPT's joint mode) and ``--out`` is
+a compressed-tensors checkpoint that plain ``from_pretrained`` loads.
 
 The pruning is :mod:`lors_fx.workflows.prune`; this module is its command line.
 """
@@ -11,6 +14,7 @@ from dataclasses import asdict
 from tabulate import tabulate
 
 from lors_fx.cli._guards import add_tokenizer_argument, note_dense_linears, text_tokenizer
+from lors_fx.cli._quant import add_quant_arguments, group_size_of, save_model
 from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, perplexity
 from lors_fx.workflows.embedded import load_model
 from lors_fx.workflows.prune import PRUNE_METHODS, prune_model
@@ -37,6 +41,7 @@ def add_prune_arguments(parser) -> None:
                         help="also report held-out perplexity before and after on this many blocks")
     parser.add_argument("--exclude", nargs="*", default=["lm_head"], help="never pruned")
     parser.add_argument("--targets", nargs="*", default=None, help="only these name suffixes")
+    add_quant_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -46,14 +51,15 @@ def prune_main(args) -> int:
     """Run ``lors-fx prune``: load, calibrate on text, prune, save, print the sparsity report."""
     progress = not args.no_progress
     model, tokenizer = load_model(args.model, progress=progress)
-    purpose = (f"{args.method} calibration" if args.method != "magnitude"
+    calibrated = args.method != "magnitude" or (args.bits and args.quant_method == "gptq")
+    purpose = (f"{args.method} calibration" if calibrated
                else "--eval-blocks" if args.eval_blocks > 0 else None)
     tokenizer = text_tokenizer(args, model, tokenizer, purpose)  # None: text is optional
     splits = calibration = None
     if purpose is not None:
         splits = build_lm_splits(load_texts(args.data, progress=progress), tokenizer,
                                  block_size=args.block_size, seed=args.seed)
-        if args.method != "magnitude":
+        if calibrated:
             calibration = calibration_sample(splits.train, args.samples, seed=args.seed)
     result = {"model": args.model, "method": args.method,
               "pattern": args.pattern or "unstructured"}
@@ -65,16 +71,18 @@ def prune_main(args) -> int:
         eval_ids = splits.eval.input_ids[:args.eval_blocks]
         result["perplexity_before"] = perplexity(model, eval_ids, progress=progress)
     rows = prune_model(model, args.method, args.sparsity, args.pattern, calibration,
-                       targets=args.targets, exclude=args.exclude, progress=progress)
+                       targets=args.targets, exclude=args.exclude, progress=progress,
+                       bits=args.bits, group_size=group_size_of(args),
+                       quant_method=args.quant_method)
+    if args.bits:
+        result.update(bits=args.bits, group_size=group_size_of(args) or "per row",
+                      quant_method=args.quant_method)
     note_dense_linears("prune", model)
     if args.eval_blocks:
         result["perplexity_after"] = perplexity(model, eval_ids, progress=progress)
         result["eval_tokens"] = int(eval_ids.numel())
     if args.out:
-        model.save_pretrained(args.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
-        result["out"] = args.out
+        result["out"] = save_model(model, tokenizer, args.out)
     total = sum(r.numel for r in rows)
     result["sparsity"] = sum(r.zeros for r in rows) / max(1, total)
     if args.json:

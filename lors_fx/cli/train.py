@@ -5,6 +5,10 @@ The loop and the methods are :mod:`lors_fx.workflows.train`; this module is its 
 ``--resume OUT`` (or one checkpoint directory) continues a stopped run, given the same other
 arguments, to the same final adapters. SIGTERM saves a checkpoint and exits with 143
 (:class:`lors_fx.workflows.train.TrainingInterrupted`).
+
+A quantized base (a compressed-tensors checkpoint, or ``--bits 4|8``: the pruned model quantized
+here and saved to ``OUT/base``) trains quantization-aware by default (``--no-quant-aware``: plain
+LoRS on the codes), so ``lors-fx merge OUT/base OUT/adapters`` computes what was trained.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import sys
 import torch
 
 from lors_fx.cli._guards import add_tokenizer_argument, note_dense_linears, text_tokenizer
+from lors_fx.cli._quant import add_quant_arguments, group_size_of, quantize_for_cli, save_model
+from lors_fx.quantized import is_quantized_model
 from lors_fx.workflows.data import (build_instruction_splits, build_lm_splits, calibration_sample,
                                     load_instructions, load_texts)
 from lors_fx.workflows.embedded import load_model
@@ -56,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp32, or bf16 (whole model and adapters in bf16)")
     add("--prune", default=None, metavar="METHOD", help="prune first (magnitude/wanda/sparsegpt)")
     add("--pattern", default=None, help="with --prune: 'unstructured' or N:M")
+    add_quant_arguments(parser)
+    add("--no-quant-aware", action="store_true", help="on a quantized base: train plain LoRS "
+        "on the codes instead of quantization-aware (the merge then rounds W' to the grid)")
     add("--eval-every", type=int, default=0)
     add("--eval-blocks", type=int, default=8)
     add("--save-every", type=int, default=0, metavar="N", help="write a resumable checkpoint "
@@ -79,6 +88,25 @@ def _write_summary(args: argparse.Namespace, init: str, result) -> None:
         handle.write("\n")
 
 
+def _prepare_base(args, model, tokenizer, splits, progress: bool) -> None:
+    """``--prune`` and/or ``--bits``: prune (and quantize; SparseGPT's joint mode for
+    ``--prune sparsegpt --bits``) or quantize the loaded pruned model, then save that exact base
+    to ``OUT/base``: the adapters only make sense on it."""
+    if not (args.prune or args.bits):
+        return
+    if args.bits and args.method != "lors":
+        raise ValueError(f"--bits: a quantized base trains with --method lors only (got "
+                         f"{args.method})")
+    calibration = calibration_sample(splits.train, min(32, len(splits.train)), seed=args.seed)
+    if args.prune:
+        prune_model(model, args.prune, pattern=args.pattern, progress=progress,
+                    calibration=calibration, bits=args.bits, group_size=group_size_of(args),
+                    quant_method=args.quant_method)
+    else:
+        quantize_for_cli(model, args, calibration)
+    save_model(model, tokenizer, os.path.join(args.out, "base"))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lors-fx train``: load, (prune), attach, train, save adapters and tokenizer."""
     progress = not args.no_progress
@@ -90,13 +118,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         splits = build_lm_splits(load_texts(args.data, progress=progress), tokenizer, block_size=args.block_size,
                                  seed=args.seed)
-    if args.prune:
-        n = min(32, len(splits.train))
-        prune_model(model, args.prune, pattern=args.pattern, progress=progress,
-                    calibration=calibration_sample(splits.train, n, seed=args.seed))
-        # the adapters only make sense on this exact pruned base: keep it beside them
-        model.save_pretrained(os.path.join(args.out, "base"))
-        tokenizer.save_pretrained(os.path.join(args.out, "base"))
+    _prepare_base(args, model, tokenizer, splits, progress)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          lr=args.lr, warmup_ratio=args.warmup_ratio,
                          weight_decay=args.weight_decay, eval_every=args.eval_every,
@@ -109,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "lors":
         note_dense_linears("train", model)
     torch.manual_seed(args.seed)  # the adapters' init (PEFT's Kaiming A, the randomized SVD)
+    quant = {"quant_aware": not args.no_quant_aware} if is_quantized_model(model) else {}
     prepare_model(model, args.method, r=args.rank, alpha=args.alpha, init=init,
                   init_data=init_data, init_samples=args.init_samples, compile=args.compile,
-                  progress=progress)
+                  progress=progress, **quant)
     eval_blocks = splits.eval[: args.eval_blocks] if args.eval_every else None
     eval_data = [eval_blocks] if eval_blocks is not None else None
     stopped = None

@@ -23,6 +23,8 @@ from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
+from lors_fx.quant_checkpoint import from_compressed_tensors
+
 __all__ = [
     "SMOLLM2_GGUF",
     "SMOLLM2_PIP",
@@ -219,6 +221,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
 
     with _hub_offline(), hf_progress_bars(progress):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        from_compressed_tensors(model)  # a quantized checkpoint: QuantizedLinear layers
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError):
