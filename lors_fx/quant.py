@@ -5,10 +5,12 @@ A weight ``W`` (d_out x d_in) is stored as integer codes ``Q`` and one scale per
 
     W ~ dq(Q) = Q * scale          Q in [-qmax, qmax], qmax = 7 (4 bits) or 127 (8 bits)
 
-Symmetric, no zero point, so a pruned weight is exactly code 0 and ``M = (Q != 0)``. A *kept*
-weight never rounds to 0: where ``round(w / scale)`` is 0 the code is ``+1`` or ``-1`` (the sign of
+Symmetric, no zero point, so a pruned weight is exactly code 0 and ``M = (Q != 0)``. lors_fx's own
+scales (``absmax / qmax``) use ``[-qmax, qmax]``; the extra two's-complement level ``-qmax - 1``
+(``-8`` / ``-128``), which compressed-tensors' own calibration (``absmax / 7.5``) produces, is
+kept as it is wherever a loaded checkpoint has it. A *kept* weight never rounds to 0: where ``round(w / scale)`` is 0 the code is ``+1`` or ``-1`` (the sign of
 ``w``; ``+1`` for an exact 0), so the mask is read from the codes alone and survives every round
-trip (quantize, merge, save, load). Values beyond the grid saturate at ``+-qmax``.
+trip (quantize, merge, save, load). Values beyond the grid saturate at ``qmax`` / ``-qmax - 1``.
 
 4-bit codes are packed two to a byte (``uint8``, element ``2j`` in the low nibble, ``2j+1`` in the
 high one, two's complement); 8-bit codes are ``int8``. The on-disk format is compressed-tensors'
@@ -24,12 +26,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BITS", "QMAX", "DEFAULT_GROUP_SIZE", "QuantSpec", "resolve_group_size",
+__all__ = ["BITS", "QMAX", "QMIN", "DEFAULT_GROUP_SIZE", "QuantSpec", "resolve_group_size",
            "compute_scales", "round_to_codes", "pack_codes", "unpack_codes", "dequantize_rows",
            "dequantize", "fake_quantize_rows_", "packed_shape", "code_dtype"]
 
 BITS = (4, 8)
 QMAX = {4: 7, 8: 127}
+#: the lowest code a loaded checkpoint may hold (two's complement); lors_fx's scales never reach it
+QMIN = {4: -8, 8: -128}
 DEFAULT_GROUP_SIZE = 128
 
 
@@ -95,8 +99,9 @@ def compute_scales(weight: Tensor, bits: int, group_size: int,
 
 
 def _round(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
-    """float32 codes: ``|q| = clamp(round(|v| / scale), 1, qmax)`` with the sign of ``v`` (so a kept
-    weight never rounds to 0; ``round`` is symmetric, so this is ``round(v / scale)`` elsewhere),
+    """float32 codes: ``|q| = clamp(round(|v| / scale), 1, qmax + 1)`` with the sign of ``v``, then
+    at most ``qmax`` (so a kept weight never rounds to 0 and the grid is ``[-qmax - 1, qmax]``;
+    ``round`` is symmetric, so this is ``round(v / scale)`` elsewhere),
     times the 0/1 ``kept``: pruned positions are 0, NaN at a kept position stays NaN. In place
     on one float32 copy of the chunk (the QA forward calls it on every chunk of W')."""
     rows, cols = values.shape
@@ -104,13 +109,13 @@ def _round(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
     safe = scales.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     q = values.float().abs() if values.dtype != torch.float32 else values.abs()
     q.view(rows, groups, cols // groups).div_(safe)
-    q.round_().clamp_(1, QMAX[bits]).copysign_(values)
+    q.round_().clamp_(1, QMAX[bits] + 1).copysign_(values).clamp_(max=QMAX[bits])
     return q.mul_(kept if kept.dtype == torch.float32 else kept.to(torch.float32))
 
 
 def round_to_codes(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
     """``int8`` codes of ``values`` (rows x cols) on ``scales`` (rows x cols/group, broadcast over
-    each group), in float32: ``round(v / scale)`` clamped to ``+-qmax``; where ``kept`` (bool, or
+    each group), in float32: ``round(v / scale)`` clamped to ``[-qmax - 1, qmax]``; where ``kept`` (bool, or
     a float32 0/1 mask) a 0 becomes ``+-1`` (the sign bit of ``v``: ``+1`` for ``+0.0``); where not
     kept the code is 0. Raises on NaN/inf at a kept position (no code holds it)."""
     q = _round(values, scales, kept, bits)

@@ -20,9 +20,9 @@ that dense model is what runs (no packed kernels there; vLLM's int4/int8 kernels
 :class:`QuantizedLinear` with the same codes and scales (checked to be lossless) and hands the model
 back to plain torch (the decompress hook and transformers' quantizer are dropped: lors_fx's layers
 run it now). What it refuses, each with one error and nothing changed: asymmetric grids, bits
-other than 4/8, non-int types, activation quantization, GPTQ ``g_idx`` reordering, and codes at
-compressed-tensors' extra negative level (``-8`` / ``-128``: its own calibration uses
-``absmax / 7.5``, our symmetric grid stops at ``-7``). ``dequantize=True`` loads plain float linears
+other than 4/8, non-int types, activation quantization, and GPTQ ``g_idx`` reordering. Codes at compressed-tensors' extra negative level (``-8`` /
+``-128``, which its own calibration, ``absmax / 7.5``, produces) are kept as they are (lors_fx's
+grid is ``[-qmax - 1, qmax]``; its own scales never reach the lowest level). ``dequantize=True`` loads plain float linears
 (no scales kept): nothing to convert; lors_fx adapts them as float weights.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lors_fx._nn import replace_module
 from lors_fx.adapters import lors_modules
-from lors_fx.quant import QMAX
+from lors_fx.quant import QMAX, QMIN
 from lors_fx.quantized import QuantizedLinear
 
 __all__ = ["FORMAT", "save_quantized", "load_quantized", "from_compressed_tensors",
@@ -259,8 +259,8 @@ def from_compressed_tensors(model: nn.Module) -> List[str]:
 
     Raises (before anything changes) ``ValueError`` for an asymmetric grid (zero point), bits
     other than 4 or 8, a non-int type (float8, fp4), activation (or KV cache) quantization, a
-    block / tensor-group strategy, GPTQ's ``g_idx`` reordering, codes outside lors_fx's symmetric
-    grid ([-7, 7] / [-127, 127]), or decompressed weights that are not on their grid; ``TypeError``
+    block / tensor-group strategy, GPTQ's ``g_idx`` reordering, codes outside the grid ([-8, 7] /
+    [-128, 127]), or decompressed weights that are not on their grid; ``TypeError``
     for a quantized module that is not an ``nn.Linear``.
     """
     return convert_compressed_tensors(model).names
@@ -358,14 +358,11 @@ def _to_quantized_linear(name: str, module: nn.Module) -> QuantizedLinear:
         [module.out_features, module.in_features])).tolist())
     scales = _scales_of(name, module, args, *shape)
     codes = _codes_of(name, module, args, scales, torch.Size(shape))
-    qmax = QMAX[args.num_bits]
-    outside = int(((codes < -qmax) | (codes > qmax)).sum())
+    low, high = QMIN[args.num_bits], QMAX[args.num_bits]
+    outside = int(((codes < low) | (codes > high)).sum())
     if outside:
-        raise ValueError(f"{name}: {outside} code(s) outside lors_fx's symmetric "
-                         f"{args.num_bits}-bit grid [-{qmax}, {qmax}] (compressed-tensors' range "
-                         f"reaches -{qmax + 1}; its own calibration uses it): not convertible "
-                         f"losslessly. Load with dequantize=True and adapt the float weights, or "
-                         f"re-quantize them with lors_fx.quantized.quantize_model")
+        raise ValueError(f"{name}: {outside} code(s) outside the {args.num_bits}-bit grid "
+                         f"[{low}, {high}]: not convertible losslessly")
     bias = None if module.bias is None else module.bias.detach().to(scales.dtype)
     layer = QuantizedLinear.from_codes(codes, scales, args.num_bits, bias, name=name)
     return layer.train(module.training)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lors_fx._nn import is_linear_like, matches_any, oriented_weight, replace_module
-from lors_fx.quant import (QMAX, QuantSpec, code_dtype, compute_scales, dequantize, pack_codes,
+from lors_fx.quant import (QMAX, QMIN, QuantSpec, code_dtype, compute_scales, dequantize, pack_codes,
                            packed_shape, resolve_group_size, round_to_codes, unpack_codes)
 from lors_fx.sparsity import sparsity_of
 
@@ -78,9 +78,10 @@ class QuantizedLinear(nn.Module):
         if scales.dim() != 2 or scales.shape[0] != d_out or d_in % scales.shape[1]:
             raise ValueError(f"{name}: scales {tuple(scales.shape)} do not fit codes "
                              f"{tuple(codes.shape)}")
-        if codes.numel() and int(codes.int().abs().amax()) > QMAX[bits]:
-            raise ValueError(f"{name}: codes outside the symmetric {bits}-bit grid "
-                             f"[-{QMAX[bits]}, {QMAX[bits]}]")
+        if codes.numel() and (int(codes.int().amax()) > QMAX[bits]
+                              or int(codes.int().amin()) < QMIN[bits]):
+            raise ValueError(f"{name}: codes outside the {bits}-bit grid "
+                             f"[{QMIN[bits]}, {QMAX[bits]}]")
         if mask is not None:
             check_codes_match_mask(codes, mask, name)
         layer = cls(d_in, d_out, bits=bits, group_size=d_in // scales.shape[1],

@@ -87,10 +87,10 @@ def test_an_exact_zero_kept_position_rounds_to_plus_one():
     assert codes.tolist() == [[1, -1, 1, 0]]
 
 
-def test_values_beyond_the_grid_saturate():
-    codes = round_to_codes(torch.tensor([[100.0, -100.0]]), torch.tensor([[1.0]]),
-                           torch.tensor([[True, True]]), 4)
-    assert codes.tolist() == [[7, -7]]
+def test_values_beyond_the_grid_saturate_at_qmax_and_the_extra_negative_level():
+    codes = round_to_codes(torch.tensor([[100.0, -100.0, -7.6, 7.6]]), torch.tensor([[1.0]]),
+                           torch.tensor([[True, True, True, True]]), 4)
+    assert codes.tolist() == [[7, -8, -8, 7]]  # [-8, 7]: what compressed-tensors' grid holds
 
 
 def test_fake_quantize_equals_the_dequantized_codes_and_keeps_nan_visible():

@@ -285,7 +285,6 @@ def test_a_decompressed_weight_off_its_grid_is_refused(tmp_path):
 @pytest.mark.parametrize("case, match", [
     (dict(symmetric=False, zero_point=3), "asymmetric"),
     (dict(bits=3), "3-bit"),
-    (dict(divisor=7.5), r"outside lors_fx's symmetric 4-bit grid \[-7, 7\]"),  # CT's calibration
     ("activations", "quantizes activations"),
 ])
 def test_bad_checkpoints_are_refused_and_nothing_changes(tmp_path, case, match):
@@ -394,3 +393,17 @@ def _drop_metadata(path, key):
     file = os.path.join(path, "adapter_model.safetensors")
     metadata = {k: v for k, v in _metadata(path).items() if k != key}
     save_file(load_file(file), file, metadata=metadata)
+
+
+def test_compressed_tensors_own_calibration_with_code_minus_8_is_kept_through_a_merge(tmp_path):
+    """compressed-tensors' calibration (absmax / 7.5) reaches code -8: it converts losslessly, and
+    merging zero adapters (B = 0) gives back the very same codes, -8 included."""
+    loaded = ct_checkpoint(str(tmp_path), bits=4, divisor=7.5)
+    reference = logits(loaded)
+    from_compressed_tensors(loaded)
+    codes = {name: m.codes.clone() for name, m in layers(loaded).items()}
+    assert any(int(c.min()) == -8 for c in codes.values())
+    assert torch.equal(logits(loaded), reference)
+    lors_fx.optimize(loaded, LorsConfig(r=4, quant_aware=True), compile=False)
+    lors_fx.merge(loaded)
+    assert all(torch.equal(m.codes, codes[name]) for name, m in layers(loaded).items())

@@ -100,7 +100,10 @@ def test_sparsegpt_joint_prunes_and_quantizes_in_one_sweep(pattern, bits):
         else:
             kept = (codes != 0).reshape(codes.shape[0], -1, 4).sum(-1)
             assert (kept == 2).all(), name
-        assert int(codes.abs().amax()) <= (7 if bits == 4 else 127)
+        # error propagation can push a later column past its group's absmax: it saturates on
+        # the grid [-8, 7] / [-128, 127]
+        low, high = (-8, 7) if bits == 4 else (-128, 127)
+        assert low <= int(codes.min()) and int(codes.max()) <= high
     with torch.no_grad():
         assert torch.isfinite(model(calibration(n=2), use_cache=False).logits).all()
 
