@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lors_fx.ops import reference_sparse_lora_linear, sparse_lora_delta, sparse_lora_linear
 from lors_fx.quant import dequantize
-from lors_fx.quant_ops import quantized_lora_linear
+from lors_fx.quant_ops import quantized_lora_linear, reference_quantized_lora_linear
 from lors_fx.quantized import QuantizedLinear
 from lors_fx.semi_structured import semi_structured_lora_linear
 from lors_fx.sparsity import sparsity_of
@@ -56,6 +56,12 @@ def adapter_forward(adapter, x: Tensor) -> Tensor:
     ``lora_dropout``, ``training`` and the op settings. The adapter input is dropped out in
     training."""
     if isinstance(adapter, LorsQuantLinear):
+        # As for the float adapters below: the naive form only inside a dynamo trace, for the
+        # compiler's rewrite (rewrite_quantized_adapters) to replace by the op.
+        if adapter.emit_reference and torch.compiler.is_compiling():
+            return reference_quantized_lora_linear(
+                x, adapter.weight_packed, adapter.weight_scale, adapter.lora_A, adapter.lora_B,
+                bits=adapter.bits, bias=adapter.bias, scaling=adapter.scaling)
         return quantized_lora_linear(
             x, adapter.weight_packed, adapter.weight_scale, adapter.lora_A, adapter.lora_B,
             bits=adapter.bits, bias=adapter.bias, scaling=adapter.scaling,

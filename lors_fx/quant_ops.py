@@ -25,7 +25,7 @@ from lors_fx.quant import (QMAX, code_dtype, dequantize, dequantize_rows, fake_q
                            pack_codes, round_to_codes)
 
 __all__ = ["quantized_lora_linear", "reference_quantized_lora_linear",
-           "quantized_effective_weight", "merge_quantized_codes"]
+           "quantized_effective_weight", "merge_quantized_codes", "dequantize_op"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -44,13 +44,13 @@ def quantized_effective_weight(packed: Tensor, scales: Tensor, lora_A: Tensor, l
     for start, stop in chunks:
         dq = dequantize_rows(packed, scales, bits, start, stop, base[: stop - start])
         part = product[start:stop]
+        ones = torch.sign(dq, out=mask[: stop - start]).abs_()  # M as 0/1 in the compute dtype
         if finite:
-            ones = torch.sign(dq, out=mask[: stop - start]).abs_()
             torch.addcmul(dq, part, ones, value=scaling, out=part)
         else:  # inf * 0 would put NaN at pruned positions
             part.mul_(scaling).add_(dq).masked_fill_(dq == 0, 0)
         if quant_aware:
-            fake_quantize_rows_(part, scales[start:stop], dq != 0, bits)
+            fake_quantize_rows_(part, scales[start:stop], ones, bits)
     return product
 
 
@@ -192,12 +192,29 @@ def quantized_lora_linear(x: Tensor, packed: Tensor, scales: Tensor, lora_A: Ten
                                             bool(quant_aware), chunk_bytes)
 
 
+# The whole dq(Q) as one opaque op: the naive form below calls it, so a dynamo graph shows the
+# quantized base as one recognisable node (what the compiler's rewrite matches) instead of the
+# bit shifts of the unpacking.
+@torch.library.custom_op("lors::dequantize", mutates_args=())
+def dequantize_op(packed: Tensor, scales: Tensor, bits: int) -> Tensor:
+    """``torch.ops.lors.dequantize``: the whole dequantized weight ``dq(Q)`` in ``scales``' dtype
+    (:func:`lors_fx.quant.dequantize`); no gradient (codes and scales are frozen buffers)."""
+    return dequantize(packed, scales, bits)
+
+
+dequantize_op.register_fake(lambda packed, scales, bits: scales.new_empty(
+    (packed.shape[0], packed.shape[1] * (2 if bits == 4 else 1))))
+
+
 def reference_quantized_lora_linear(x: Tensor, packed: Tensor, scales: Tensor, lora_A: Tensor,
                                     lora_B: Tensor, *, bits: int, bias: Optional[Tensor] = None,
                                     scaling: float = 1.0) -> Tensor:
-    """The naive form in plain torch (QA-SparsePEFT-style: the whole dequantized weight, and
-    autograd keeps ``W'``): what the compiler's pass matches and the tests compare against."""
-    weight = dequantize(packed, scales, bits, dtype=x.dtype)
+    """The naive form in plain torch (QA-SparsePEFT-style: the whole dequantized weight, one
+    ``lors::dequantize`` call, and autograd keeps ``W'``): what the compiler's pass
+    (``rewrite_quantized_adapters``) matches and the tests compare against."""
+    weight = torch.ops.lors.dequantize(packed, scales, int(bits))
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
     w_eff = weight + scaling * (lora_B.to(x.dtype) @ lora_A.to(x.dtype)) * (weight != 0)
     return torch.nn.functional.linear(x, w_eff, bias)
 

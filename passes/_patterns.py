@@ -24,7 +24,7 @@ from lors_fx.passes._match import (NoMatch, copy_meta, is_linear_call, is_op, li
 from lors_fx.passes.manager import PassContext
 
 __all__ = ["MaskedAdapter", "match_masked_adapter", "PeftLora", "match_peft_lora", "op_settings",
-           "emit_lors_op"]
+           "emit_lors_op", "strip_casts", "dtype_of", "cast_to"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,8 +61,9 @@ def _same_weight(a: Any, b: Any, ctx: PassContext, gm) -> bool:
     return hit_a is not None and hit_b is not None and hit_a[1] is hit_b[1]
 
 
-def _mask_source(node: Any) -> Tuple[Any, List[fx.Node]]:
-    """Unwrap dtype casts around a mask: ``(inner node, cast nodes)``."""
+def strip_casts(node: Any) -> Tuple[Any, List[fx.Node]]:
+    """Unwrap dtype casts around a node (a mask, a weight, an adapter): ``(inner node, cast
+    nodes)``, outermost cast first."""
     casts = []
     while isinstance(node, fx.Node) and is_op(node, "cast"):
         casts.append(node)
@@ -102,7 +103,7 @@ def _split_delta(delta: fx.Node, ctx: PassContext, gm):
 def _check_mask(mask: Any, base: Any, ctx: PassContext, gm, nodes: List[fx.Node]) -> Any:
     """Accept ``mask`` when it is ``base != 0`` in the graph or, for a tensor input, in value.
     Returns the base weight the mask was read from (None when the mask does not say)."""
-    inner, casts = _mask_source(mask)
+    inner, casts = strip_casts(mask)
     operand = _ne_zero_operand(inner)
     if operand is not None:
         for node in casts + [inner]:
@@ -199,8 +200,8 @@ def emit_lors_op(gm: fx.GraphModule, replaced: fx.Node, args: tuple, ctx: PassCo
     with graph.inserting_before(replaced):
         # Under autocast the linear computed in the autocast dtype while x and W are fp32; the
         # op has no autocast kernel, so cast like lors_fx.ops' wrapper does (A, B are cast inside).
-        out_dtype = _dtype_of(replaced)
-        x, weight, bias = (_cast_to(graph, node, out_dtype) for node in (x, weight, bias))
+        out_dtype = dtype_of(replaced)
+        x, weight, bias = (cast_to(graph, node, out_dtype) for node in (x, weight, bias))
         op_args = (x, weight, lora_A, lora_B, bias, float(scaling), grad_mode, include_base,
                    chunk_bytes)
         if recompute:
@@ -220,7 +221,8 @@ def emit_lors_op(gm: fx.GraphModule, replaced: fx.Node, args: tuple, ctx: PassCo
     return result
 
 
-def _dtype_of(node: Any) -> Optional[torch.dtype]:
+def dtype_of(node: Any) -> Optional[torch.dtype]:
+    """The dtype recorded in a node's ``meta`` (``val``/``example_value``); None when unknown."""
     for key in ("val", "example_value"):
         value = node.meta.get(key) if isinstance(node, fx.Node) else None
         if isinstance(value, torch.Tensor):
@@ -228,9 +230,9 @@ def _dtype_of(node: Any) -> Optional[torch.dtype]:
     return None
 
 
-def _cast_to(graph: fx.Graph, node: Any, dtype: Optional[torch.dtype]) -> Any:
+def cast_to(graph: fx.Graph, node: Any, dtype: Optional[torch.dtype]) -> Any:
     """``node.to(dtype)`` when its known dtype differs from ``dtype``, else ``node``."""
-    current = _dtype_of(node)
+    current = dtype_of(node)
     if dtype is None or current is None or current == dtype:
         return node
     cast = graph.call_method("to", (node, dtype))

@@ -23,7 +23,8 @@ SITE_META_KEY = "lors_site"
 
 @dataclass
 class SparseSite:
-    """A linear call whose weight is sparse: what the report and the rewrite need to know."""
+    """A linear call whose weight is sparse: what the report and the rewrite need to know (for a
+    quantized base also its bits, group size and quantization-aware flag)."""
 
     fqn: str                       # module qualified name, from nn_module_stack
     shape: tuple                   # weight (d_out, d_in)
@@ -32,6 +33,10 @@ class SparseSite:
     rank: Optional[int] = None     # adapter rank, once known
     grad_mode: Optional[str] = None
     rewritten: bool = False        # replaced by the lors op
+    # a quantized base (lors_fx.quantized): sparsity and pattern are the codes' (M = Q != 0)
+    bits: Optional[int] = None            # code width, 4 or 8; None for a float weight
+    group_size: Optional[int] = None      # inputs per scale
+    quant_aware: Optional[bool] = None    # the op's quantization-aware forward (Q(W'))
 
 
 @dataclass

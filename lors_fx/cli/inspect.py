@@ -2,7 +2,8 @@
 
     lors-fx inspect MODEL [--sparsity 0.5 | --pattern 2:4] [--r 16] [--grad-mode lors|exact]
                     [--checkpoint none|block|every:K|budget:BYTES] [--batch 2 --seq 64]
-                    [--dtype float32|bfloat16|float16] [--meta]
+                    [--dtype float32|bfloat16|float16] [--bits 4|8 [--group-size G|row]
+                    [--quant-aware]] [--meta]
                     [--show summary,sites,passes,saved,graph,diff] [--graph forward|backward]
                     [--dot FILE] [--json FILE] [--no-progress]
 
@@ -11,6 +12,10 @@ MODEL is a built-in tiny architecture (``tiny-llama``, ``tiny-qwen2``, ``tiny-mi
 model directory, or a config JSON (HF ``config.json`` form, with ``model_type``). A dense model is
 magnitude-pruned on the fly (per output row) to ``--sparsity`` (default 0.5) or ``--pattern``; an
 already sparse one (every target linear at least ``LorsConfig.min_sparsity`` zeros) is used as is.
+``--bits 4|8`` then quantizes it round-to-nearest (``quantize_model``; ``--group-size`` inputs
+per scale, default 128, ``row``: one per output row; pruned weights stay code 0; an already
+quantized model is used as is): its sites are quantized adapters (``--quant-aware``: QA forward)
+rewritten to ``lors::quant_lora_linear``, shown with their base (``int4 g16 [QA]``, ``float``).
 The run attaches adapters (:func:`lors_fx.optimize`), compiles with the lors backend, runs one
 training step (forward + backward on a random ``--batch x --seq`` batch with labels) and reads
 :func:`lors_fx.report`. ``--meta`` builds the model on the meta device from its config only (no
@@ -28,12 +33,16 @@ Exit codes: 0 ok, 2 bad arguments (one line on stderr), 1 failure (one line with
     schema            "lors_fx.inspect/1"
     model             {name, source, kind, architecture, parameters, dtype, meta}
     pruning           {applied, method, sparsity, pattern, note}
+    quantization      {applied, method, bits, group_size, quant_aware, note}; bits null for a
+                      float base
     config            LorsConfig.to_dict()
     step              {batch, seq, tokens}
     theoretical       true on --meta: every number is theoretical, nothing was measured
-    sites             [{fqn, shape, sparsity, pattern, rank, grad_mode, rewritten,
-                        naive_saved_bytes, lors_saved_bytes}]; rewritten null on --meta,
-                      the two byte counts theoretical (the formula) in every run
+    sites             [{fqn, shape, sparsity, pattern, rank, grad_mode, rewritten, bits,
+                        group_size, quant_aware, naive_saved_bytes, lors_saved_bytes}];
+                      rewritten null on --meta, bits/group_size/quant_aware null on a float
+                      base (sparsity and pattern of a quantized one are its codes'), the two
+                      byte counts theoretical (the formula) in every run
     passes            [{graph, name, count, nodes_created, nodes_erased, seconds}]
                       (null on --meta: no pass ran)
     saved             {before_bytes, after_bytes, ratio, before: [row], after: [row],
@@ -68,7 +77,9 @@ from lors_fx.cli._output import fit_width
 from lors_fx.cli.inspect_code import diff_header
 from lors_fx.cli.inspect_dot import dot_text
 from lors_fx.cli.inspect_meta import BadArgument, run_inspection
+from lors_fx.compiler.report import base_text
 from lors_fx.config import parse_checkpoint_policy
+from lors_fx.quant import DEFAULT_GROUP_SIZE
 
 __all__ = ["add_arguments", "run", "validate", "inspect_model", "render", "dot_text",
            "SHOW_CHOICES"]
@@ -92,6 +103,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", default="2", help="batch size of the training step (2)")
     parser.add_argument("--seq", default="64", help="sequence length of the training step (64)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    parser.add_argument("--bits", default=None, help="quantize the pruned model round-to-nearest "
+                        "to 4 or 8 bits before optimize (quantized adapters)")
+    parser.add_argument("--group-size", default=None, help="with --bits: inputs per scale "
+                        "(default 128), or row for one scale per output row")
+    parser.add_argument("--quant-aware", action="store_true", help="with --bits: "
+                        "quantization-aware adapters (LorsConfig.quant_aware)")
     parser.add_argument("--meta", action="store_true", help="build on the meta device from the "
                         "config only: sites and theoretical saved bytes, no weights, no compile")
     parser.add_argument("--show", default="summary", help="comma-separated: summary (default), "
@@ -145,6 +162,7 @@ def validate(args) -> Dict[str, Any]:
     except ValueError:
         raise BadArgument(f"--checkpoint: expected none, block, every:K (K >= 1) or "
                           f"budget:BYTES (e.g. budget:512MiB), got {args.checkpoint!r}") from None
+    options.update(_quant_options(args))
     if args.dtype not in _DTYPES:
         raise BadArgument(f"--dtype: expected one of {', '.join(_DTYPES)}, got {args.dtype!r}")
     show = [part.strip() for part in str(args.show).split(",") if part.strip()]
@@ -161,11 +179,34 @@ def validate(args) -> Dict[str, Any]:
     return options
 
 
+def _quant_options(args) -> Dict[str, Any]:
+    """``bits``, ``group_size``, ``quant_aware`` from ``--bits/--group-size/--quant-aware``."""
+    if args.bits is None:
+        if args.group_size is not None or args.quant_aware:
+            raise BadArgument("--group-size/--quant-aware: only with --bits 4 or 8")
+        return {"bits": None, "group_size": None, "quant_aware": False}
+    if str(args.bits).strip() not in ("4", "8"):
+        raise BadArgument(f"--bits: expected 4 or 8, got {args.bits!r}")
+    bits = int(args.bits)
+    group = args.group_size
+    if group is None:
+        group_size = DEFAULT_GROUP_SIZE
+    elif str(group).strip().lower() == "row":
+        group_size = None
+    else:
+        group_size = _number(group, "group-size", int, 1)
+        if bits == 4 and group_size % 2:
+            raise BadArgument(f"--group-size: 4-bit codes are packed in pairs, the group must "
+                              f"be even, got {group_size}")
+    return {"bits": bits, "group_size": group_size, "quant_aware": bool(args.quant_aware)}
+
+
 def inspect_model(model: str, **kwargs):
     """Run the inspection of ``model`` (a MODEL argument) and return an :class:`Inspection`.
 
     Keyword arguments as the command line's (``sparsity``, ``pattern``, ``r``, ``grad_mode``,
-    ``checkpoint``, ``batch``, ``seq``, ``dtype``, ``meta``, ``backward_before``, ``progress``).
+    ``checkpoint``, ``batch``, ``seq``, ``dtype``, ``meta``, ``backward_before``, ``progress``,
+    ``bits``, ``group_size``, ``quant_aware``).
     """
     kind, value = meta_tools.resolve_model(model)
     return run_inspection(kind, value, name=model, **kwargs)
@@ -204,6 +245,7 @@ def _summary(data: Dict[str, Any]) -> str:
             ["parameters", f"{model['parameters']:,} ({model['dtype']}"
                            f"{', meta device: no weights' if model['meta'] else ''})"],
             ["pruning", pruning["note"]],
+            ["quantization", (data.get("quantization") or {}).get("note", "float base")],
             ["LoRS config", f"r={config['r']}, lora_alpha={config['lora_alpha']:g}, "
                             f"grad_mode={config['grad_mode']}, checkpoint={config['checkpoint']}"],
             ["training step", f"batch {data['step']['batch']} x seq {data['step']['seq']}"
@@ -212,7 +254,7 @@ def _summary(data: Dict[str, Any]) -> str:
         rows.append(["sites", f"{len(data['sites'])} target linears (treated as pruned)"])
     else:
         rows.append(["sites", f"{len(data['sites'])} found, {rewritten} rewritten to "
-                              f"lors::sparse_lora_linear"])
+                              f"{_op_names(data['sites'])}"])
         lines = [f"{p['name']} (graph {p['graph']}): matched {p['count']}, "
                  f"+{p['nodes_created']}/-{p['nodes_erased']} nodes, {p['seconds'] * 1e3:.1f} ms"
                  for p in data["passes"]]
@@ -233,14 +275,24 @@ def _summary(data: Dict[str, Any]) -> str:
     return text + ("\n" + notes if notes else "")
 
 
+def _op_names(sites: List[Dict[str, Any]]) -> str:
+    """The op(s) the sites are rewritten to: float bases -> sparse_lora_linear, quantized ones
+    -> quant_lora_linear."""
+    quantized = sum(s.get("bits") is not None for s in sites)
+    names = (["lors::sparse_lora_linear"] if quantized < len(sites) or not sites else []) + (
+        ["lors::quant_lora_linear"] if quantized else [])
+    return " / ".join(names)
+
+
 def _sites(data: Dict[str, Any]) -> str:
     from tabulate import tabulate
 
     rows = [[s["fqn"], _shape(s["shape"]), "-" if s["sparsity"] is None else f"{s['sparsity']:.3f}",
              s["pattern"], s["rank"], s["grad_mode"],
              "-" if s["rewritten"] is None else ("yes" if s["rewritten"] else "no"),
+             base_text(s.get("bits"), s.get("group_size"), s.get("quant_aware")),
              s["naive_saved_bytes"], s["lors_saved_bytes"]] for s in data["sites"]]
-    headers = ["site", "shape", "sparsity", "N:M", "rank", "grad_mode", "rewritten",
+    headers = ["site", "shape", "sparsity", "N:M", "rank", "grad_mode", "rewritten", "base",
                "naive saves (B)", "LoRS saves (B)"]
     legend = "byte counts theoretical" + ("; rewritten: - (not compiled, --meta)"
                                           if data["theoretical"] else "")
@@ -325,7 +377,8 @@ def run(args) -> int:
             checkpoint=args.checkpoint, batch=options["batch"], seq=options["seq"],
             dtype=args.dtype, meta=args.meta,
             backward_before="diff" in options["show"] and args.graph == "backward",
-            progress=not args.no_progress)
+            progress=not args.no_progress, bits=options["bits"],
+            group_size=options["group_size"], quant_aware=options["quant_aware"])
         data = result.data
         if args.dot:
             with open(args.dot, "w", encoding="utf-8") as handle:

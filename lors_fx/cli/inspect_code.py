@@ -7,14 +7,17 @@ freeing memory early). :func:`display_code` prints a copy of the graph with:
 
 - module paths instead of those names (``model.layers.0.self_attn.q_proj.weight``, read from
   the names themselves and checked against the model's parameters and buffers);
-- on each lors op node, the comment of the model line that called the adapted module: the node
-  inherits the stack trace of the ``F.linear`` it replaced (``ops.py ... in
-  reference_sparse_lora_linear``), which no longer describes it;
+- on each lors op node (``sparse_lora_linear`` or ``quant_lora_linear``), the comment of the
+  model line that called the adapted module: the node inherits the stack trace of the
+  ``F.linear`` it replaced (``ops.py ... in reference_sparse_lora_linear``), which no longer
+  describes it;
 - no ``= None`` tails, and file paths from the package on (``transformers/models/...``,
   ``lors_fx/ops.py``).
 
 The result is for reading (a dotted name is not an identifier); :func:`readable_code` gives the
-plain ``print_readable`` text. :func:`diff_header` says what a diff shows and what was rewritten.
+plain ``print_readable`` text. :func:`diff_header` says what a diff shows and what was rewritten;
+:class:`CaptureBefore` (a forward pass doing nothing) keeps the dynamo graph as captured, the
+"before" side of the diffs and of the DOT region.
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ from typing import Any, Dict, List, Optional
 from torch import fx, nn
 
 from lors_fx.passes._match import copy_graph_module, is_lors_op
+from lors_fx.passes._quant_patterns import is_quant_lors_op
+from lors_fx.passes.manager import PassContext, PassResult
 
 __all__ = ["readable_code", "unified_diff", "readable_names", "display_code", "site_groups",
-           "diff_header"]
+           "diff_header", "CaptureBefore", "CAPTURE_PASS_NAME"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lors_fx/
 #: frames inside lors_fx a lors op's stack trace loses (the models of lors_fx.testing stay)
@@ -108,7 +113,7 @@ def display_code(gm: Optional[fx.GraphModule], names: Optional[Dict[str, str]] =
         return readable_code(None)
     copy = copy_graph_module(gm)
     for node in copy.graph.nodes:
-        if is_lors_op(node) and node.meta.get("stack_trace"):
+        if (is_lors_op(node) or is_quant_lors_op(node)) and node.meta.get("stack_trace"):
             node.meta["stack_trace"] = _caller_trace(node.meta["stack_trace"])
     code = readable_code(copy)
     if names:
@@ -156,10 +161,37 @@ def diff_header(data: Dict[str, Any], graph: str) -> str:
                          f"+{p['nodes_created']}/-{p['nodes_erased']} nodes")
     sites = data.get("sites") or []
     done = [s["fqn"] for s in sites if s["rewritten"]]
-    lines.append(f"# rewritten: {len(done)} of {len(sites)} sites: mask, B@A, scale, W' and "
-                 f"F.linear -> one torch.ops.lors.sparse_lora_linear call each")
+    quantized = [s for s in sites if s.get("bits") is not None]
+    if len(quantized) < len(sites) or not sites:
+        lines.append(f"# rewritten: {len(done)} of {len(sites)} sites: mask, B@A, scale, W' and "
+                     f"F.linear -> one torch.ops.lors.sparse_lora_linear call each")
+    if quantized:
+        lines.append(f"# quantized sites: lors.dequantize, mask, B@A, scale, W' and F.linear -> "
+                     f"one torch.ops.lors.quant_lora_linear call each "
+                     f"({sum(bool(s['rewritten']) for s in quantized)} of {len(quantized)})")
     lines += [f"#   {group}" for group in site_groups(done)]
     missed = [s["fqn"] for s in sites if s["rewritten"] is False]
     if missed:
         lines.append(f"# not rewritten ({len(missed)}): " + ", ".join(site_groups(missed)))
     return "\n".join(lines)
+
+
+CAPTURE_PASS_NAME = "capture_before"
+
+
+class CaptureBefore:
+    """A forward pass that records a copy of the dynamo graph and changes nothing.
+
+    Put right after ``annotate_sparse_linears`` (which only adds ``node.meta["lors_site"]``) and
+    before the rewrite, it keeps the graph as dynamo captured it, sites annotated: the "before"
+    of ``--show diff`` and ``--dot``. One copy per compiled graph, in compile order.
+    """
+
+    __name__ = CAPTURE_PASS_NAME
+
+    def __init__(self):
+        self.graphs: List[fx.GraphModule] = []
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.graphs.append(copy_graph_module(gm))
+        return PassResult(CAPTURE_PASS_NAME, 0)

@@ -3,16 +3,57 @@ pydot / graphviz dependency. Inputs are labelled with module paths where dynamo 
 one (:func:`lors_fx.cli.inspect_code.readable_names`)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx
 
 from lors_fx.cli.inspect_code import readable_names
-from lors_fx.cli.inspect_meta import is_lors_op, rewritten_region
+from lors_fx.passes._match import is_lors_op as is_sparse_lors_op
+from lors_fx.passes._quant_patterns import is_quant_lors_op
 from lors_fx.passes.manager import SITE_META_KEY
 
-__all__ = ["dot_text"]
+__all__ = ["dot_text", "rewritten_region", "is_lors_op"]
+
+
+def is_lors_op(node: Any) -> bool:
+    """A call of either LoRS op: ``lors::sparse_lora_linear[_keep]`` or
+    ``lors::quant_lora_linear``."""
+    return is_sparse_lors_op(node) or is_quant_lors_op(node)
+
+
+def _innermost(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else None
+
+
+def rewritten_region(gm: fx.GraphModule, before: bool) -> Tuple[List[fx.Node], List[fx.Node]]:
+    """``(region nodes, boundary inputs)``: before, each annotated site's linear and the chain
+    inside its module (mask, B@A, scale, W', and ``lors.dequantize`` on a quantized base); after,
+    each lors op call."""
+    region: List[fx.Node] = []
+    seen = set()
+    roots = [n for n in gm.graph.nodes if (SITE_META_KEY in n.meta if before else is_lors_op(n))]
+    for root in roots:
+        module = _innermost(root)
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            region.append(node)
+            if before:
+                stack.extend(a for a in node.all_input_nodes
+                             if a.op == "call_function" and _innermost(a) == module)
+    inputs = []
+    for node in region:
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                inputs.append(arg)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(region, key=order.get), sorted(inputs, key=order.get)
 
 
 def _shape_text(node: fx.Node) -> str:
@@ -76,7 +117,8 @@ def dot_text(before: Optional[fx.GraphModule], after: Optional[fx.GraphModule],
         lines += _cluster("before", "before: naive masked form (dynamo graph)", before, True,
                           "b_", readable_names(before, model))
     if after is not None:
-        lines += _cluster("after", "after: lors::sparse_lora_linear (rewritten dynamo graph)",
+        lines += _cluster("after", "after: lors::sparse_lora_linear / lors::quant_lora_linear "
+                                   "(rewritten dynamo graph)",
                           after, False, "a_", readable_names(after, model))
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,14 @@
-"""The engine of ``lors-fx inspect``: the inspection run (build, prune, optimize, compile, one
-training step, report), the theoretical saved bytes, the "before" graph capture, readable graph
-code, diffs and the rewritten region (models are built by :mod:`lors_fx.testing.tiny_models`).
+"""The engine of ``lors-fx inspect``: the inspection run (build, prune, quantize on request,
+optimize, compile, one training step, report), the theoretical saved bytes, the "before" graph
+capture, readable graph code and diffs (models are built by :mod:`lors_fx.testing.tiny_models`;
+the rewritten region is drawn by :mod:`lors_fx.cli.inspect_dot`).
+
+With ``bits`` (``--bits 4|8 [--group-size G]``) the pruned model is quantized round-to-nearest
+(:func:`lors_fx.quantized.quantize_model`, sparsity-aware: pruned weights stay code 0) before
+:func:`lors_fx.optimize`, so its sites are ``LorsQuantLinear`` s and the rewrite emits
+``lors::quant_lora_linear``; a model that is already quantized is used as it is. The formula
+below holds for a quantized site too: the naive form's ``W'`` and mask are dense in the compute
+dtype whatever the codes' width, and the op saves ``x`` only.
 
 Theoretical saved-for-backward bytes of one target linear (weight ``d_out x d_in``, ``T = batch *
 seq`` tokens, ``e`` bytes per element of the compute dtype), what autograd keeps between forward
@@ -27,18 +35,19 @@ import torch
 from torch import fx, nn
 
 from lors_fx.api import optimize
-from lors_fx.cli.inspect_code import display_code, readable_code, readable_names, unified_diff
+from lors_fx.cli.inspect_code import (CAPTURE_PASS_NAME, CaptureBefore, display_code,
+                                      readable_code, readable_names, unified_diff)
 from lors_fx.compiler import compile_model, compile_state_of, default_forward_passes, report
 from lors_fx.config import LorsConfig
-from lors_fx.passes._match import copy_graph_module, is_lors_op
-from lors_fx.passes.manager import SITE_META_KEY, PassContext, PassResult
+from lors_fx.quant import QuantSpec
+from lors_fx.quantized import is_quantized_model, quantize_model, quantized_modules
 from lors_fx.sparsity import sparsity_of
 from lors_fx.testing.tiny_models import UnknownModel, load_named_model, prune_, random_batch
 from lors_fx.testing.tiny_models import resolve_model as resolve_named
 from lors_fx.testing.tiny_models import target_linears
 
 __all__ = ["BadArgument", "theoretical_bytes", "CaptureBefore", "readable_code", "unified_diff",
-           "rewritten_region", "is_lors_op", "Inspection", "run_inspection"]
+           "Inspection", "run_inspection"]
 
 
 class BadArgument(ValueError):
@@ -61,60 +70,6 @@ def theoretical_bytes(shape: Tuple[int, int], tokens: int, element_size: int) ->
     w_eff = d_out * d_in * element_size
     mask = d_out * d_in  # torch.bool: one byte per element
     return {"x": x, "w_eff": w_eff, "mask": mask, "naive": x + w_eff + mask, "lors": x}
-
-
-CAPTURE_PASS_NAME = "capture_before"
-
-
-class CaptureBefore:
-    """A forward pass that records a copy of the dynamo graph and changes nothing.
-
-    Put right after ``annotate_sparse_linears`` (which only adds ``node.meta["lors_site"]``) and
-    before the rewrite, it keeps the graph as dynamo captured it, sites annotated: the "before"
-    of ``--show diff`` and ``--dot``. One copy per compiled graph, in compile order.
-    """
-
-    __name__ = CAPTURE_PASS_NAME
-
-    def __init__(self):
-        self.graphs: List[fx.GraphModule] = []
-
-    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self.graphs.append(copy_graph_module(gm))
-        return PassResult(CAPTURE_PASS_NAME, 0)
-
-
-def _innermost(node: fx.Node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack)[-1] if stack else None
-
-
-def rewritten_region(gm: fx.GraphModule, before: bool) -> Tuple[List[fx.Node], List[fx.Node]]:
-    """``(region nodes, boundary inputs)``: before, each annotated site's linear and the chain
-    inside its module (mask, B@A, scale, W'); after, each lors op call."""
-    region: List[fx.Node] = []
-    seen = set()
-    roots = [n for n in gm.graph.nodes if (SITE_META_KEY in n.meta if before else is_lors_op(n))]
-    for root in roots:
-        module = _innermost(root)
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            region.append(node)
-            if before:
-                stack.extend(a for a in node.all_input_nodes
-                             if a.op == "call_function" and _innermost(a) == module)
-    inputs = []
-    for node in region:
-        for arg in node.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                inputs.append(arg)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(region, key=order.get), sorted(inputs, key=order.get)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +130,13 @@ def _max_positions(model: nn.Module) -> Optional[int]:
 
 
 def _prune_or_keep(model, config, sparsity, pattern, notes) -> Dict[str, Any]:
-    """Magnitude-prune a dense model as requested; keep an already sparse one as it is."""
+    """Magnitude-prune a dense model as requested; keep an already sparse (or quantized) one as
+    it is."""
+    if is_quantized_model(model):
+        if sparsity is not None or pattern is not None:
+            notes.append("--sparsity/--pattern ignored: the model is already quantized")
+        return {"applied": False, "method": None, "sparsity": None, "pattern": None,
+                "note": "quantized model: its zero codes are the sparsity, used as it is"}
     targets = dict(target_linears(model, config.exclude_modules))
     modules = dict(model.named_modules())
     current = [sparsity_of(modules[name].weight.detach()) for name in targets]
@@ -196,8 +157,42 @@ def _prune_or_keep(model, config, sparsity, pattern, notes) -> Dict[str, Any]:
                                              f"{what} ({len(targets)} target linears)"}
 
 
-def _theoretical_sites(model, config, sparsity, pattern, tokens, element_size):
+def _spec_text(spec: QuantSpec) -> str:
+    group = "one scale per row" if spec.group_size is None else f"group {spec.group_size}"
+    return f"int{spec.bits}, {group}"
+
+
+def _quantize(model, config, spec: Optional[QuantSpec], stage, notes) -> Dict[str, Any]:
+    """Quantize the pruned model round-to-nearest as requested (``spec``); keep an already
+    quantized one as it is. Returns the ``quantization`` entry of the JSON."""
+    entry = {"applied": False, "method": None, "bits": None, "group_size": None,
+             "quant_aware": config.quant_aware, "note": "float base (no --bits)"}
+    present = quantized_modules(model)
+    if present:
+        first = next(iter(present.values()))
+        if spec is not None:
+            notes.append("--bits/--group-size ignored: the model is already quantized")
+        return {**entry, "bits": first.bits, "group_size": first.group_size,
+                "note": f"already quantized ({len(present)} linears, e.g. int{first.bits}, "
+                        f"group {first.group_size}): used as it is"}
+    if spec is None:
+        return entry
+    with stage("quantize"):
+        try:
+            names = quantize_model(model, spec, exclude=tuple(config.exclude_modules))
+        except ValueError as error:
+            raise BadArgument(f"--bits/--group-size: {error}") from None
+    return {**entry, "applied": True, "method": "round-to-nearest", "bits": spec.bits,
+            "group_size": spec.group_size,
+            "note": f"quantized round-to-nearest to {_spec_text(spec)} ({len(names)} linears; "
+                    f"pruned weights stay code 0)" + (", quantization-aware adapters"
+                                                      if config.quant_aware else "")}
+
+
+def _theoretical_sites(model, config, sparsity, pattern, tokens, element_size, spec=None):
     target_sparsity, pattern_name = _pattern_text(sparsity, pattern)
+    quant = {"bits": None, "group_size": None, "quant_aware": None} if spec is None else {
+        "bits": spec.bits, "group_size": spec.group_size, "quant_aware": config.quant_aware}
     sites = []
     for fqn, shape in target_linears(model, config.exclude_modules):
         if config.r > min(shape):
@@ -205,7 +200,7 @@ def _theoretical_sites(model, config, sparsity, pattern, tokens, element_size):
         numbers = theoretical_bytes(shape, tokens, element_size)
         sites.append({"fqn": fqn, "shape": list(shape), "sparsity": target_sparsity,
                       "pattern": pattern_name, "rank": config.r, "grad_mode": config.grad_mode,
-                      "rewritten": None, "naive_saved_bytes": numbers["naive"],
+                      "rewritten": None, **quant, "naive_saved_bytes": numbers["naive"],
                       "lors_saved_bytes": numbers["lors"]})
     return sites
 
@@ -257,13 +252,16 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
                    pattern: Optional[str] = None, r: int = 16, grad_mode: str = "lors",
                    checkpoint: str = "none", batch: int = 2, seq: int = 64,
                    dtype: str = "float32", meta: bool = False, backward_before: bool = False,
-                   progress: bool = True) -> Inspection:
-    """Build, prune, optimize, compile and run one training step (or, with ``meta``, only build
-    on the meta device and compute theoretical bytes); returns the :class:`Inspection`."""
-    config = LorsConfig(r=r, grad_mode=grad_mode, checkpoint=checkpoint)
+                   progress: bool = True, bits: Optional[int] = None,
+                   group_size: Optional[int] = 128, quant_aware: bool = False) -> Inspection:
+    """Build, prune, quantize (with ``bits``: round-to-nearest, ``group_size`` inputs per scale,
+    None = one per row), optimize, compile and run one training step (or, with ``meta``, only
+    build on the meta device and compute theoretical bytes); returns the :class:`Inspection`."""
+    config = LorsConfig(r=r, grad_mode=grad_mode, checkpoint=checkpoint, quant_aware=quant_aware)
+    spec = None if bits is None else QuantSpec(bits, group_size)
     torch_dtype = getattr(torch, dtype)
-    names = ["load", "prune"] + ([] if meta else ["optimize", "compile + forward", "backward",
-                                                  "report"])
+    names = ["load", "prune"] + ([] if meta else ["quantize"] * (spec is not None) + [
+        "optimize", "compile + forward", "backward", "report"])
     stage = _Stages(names + (["naive backward"] if backward_before and not meta else []),
                     progress)
     notes: List[str] = []
@@ -290,10 +288,10 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
                      "diff_backward": None}}
         if meta:
             data.update(_theoretical(model, config, sparsity, pattern, batch, seq, dtype,
-                                     element_size, stage, notes))
+                                     element_size, stage, notes, spec))
         else:
             data.update(_measure(model, config, sparsity, pattern, batch, seq, element_size,
-                                 stage, notes, graphs, backward_before))
+                                 stage, notes, graphs, backward_before, spec))
         data["saved"]["naive_theoretical_bytes"] = sum(s["naive_saved_bytes"]
                                                        for s in data["sites"])
         data["saved"]["lors_theoretical_bytes"] = sum(s["lors_saved_bytes"] for s in data["sites"])
@@ -307,10 +305,12 @@ def run_inspection(kind: str, value: str, *, name: str, sparsity: Optional[float
 
 
 def _theoretical(model, config, sparsity, pattern, batch, seq, dtype, element_size, stage,
-                 notes) -> Dict[str, Any]:
-    """The ``pruning``/``sites``/``saved`` entries of a meta-device inspection (nothing runs)."""
+                 notes, spec=None) -> Dict[str, Any]:
+    """The ``pruning``/``quantization``/``sites``/``saved`` entries of a meta-device inspection
+    (nothing runs)."""
     with stage("prune"):
-        sites = _theoretical_sites(model, config, sparsity, pattern, batch * seq, element_size)
+        sites = _theoretical_sites(model, config, sparsity, pattern, batch * seq, element_size,
+                                   spec)
         target_sparsity, pattern_name = _pattern_text(sparsity, pattern)
     before, after = _theoretical_rows(sites, batch, seq, dtype)
     notes.append("theoretical: built on the meta device from the config only; nothing "
@@ -320,6 +320,13 @@ def _theoretical(model, config, sparsity, pattern, batch, seq, dtype, element_si
                             f"meta device (no values): every target linear treated as "
                             f"pruned to {pattern or f'{target_sparsity:.0%} unstructured'}"
                             f"; saved bytes are theoretical")},
+            "quantization": {"applied": False, "method": None,
+                             "bits": None if spec is None else spec.bits,
+                             "group_size": None if spec is None else spec.group_size,
+                             "quant_aware": config.quant_aware,
+                             "note": "float base (no --bits)" if spec is None else
+                             f"meta device (no values): sites treated as quantized to "
+                             f"{_spec_text(spec)}; nothing was quantized"},
             "sites": sites,
             "saved": {"before_bytes": sum(s["naive_saved_bytes"] for s in sites),
                       "after_bytes": sum(s["lors_saved_bytes"] for s in sites),
@@ -327,10 +334,12 @@ def _theoretical(model, config, sparsity, pattern, batch, seq, dtype, element_si
 
 
 def _measure(model, config, sparsity, pattern, batch, seq, element_size, stage, notes, graphs,
-             backward_before) -> Dict[str, Any]:
-    """The real run: prune, optimize + compile, one training step, the report and the graphs."""
+             backward_before, spec=None) -> Dict[str, Any]:
+    """The real run: prune, quantize, optimize + compile, one training step, the report and the
+    graphs."""
     with stage("prune"):
         pruning = _prune_or_keep(model, config, sparsity, pattern, notes)
+    quantization = _quantize(model, config, spec, stage, notes)
     capture = CaptureBefore()
     with stage("optimize"):
         optimize(model, config, compile=False)
@@ -371,7 +380,7 @@ def _measure(model, config, sparsity, pattern, batch, seq, element_size, stage, 
                          f"graph{a.index}/backward.naive", f"graph{a.index}/backward.lors")
             for n, a in pairs) or None
         graphs["backward_before"] = naive[0].backward if naive else None
-    return {"pruning": pruning, "sites": result["sites"],
+    return {"pruning": pruning, "quantization": quantization, "sites": result["sites"],
             "passes": [p for p in result["passes"] if p["name"] != CAPTURE_PASS_NAME],
             "saved": {"before_bytes": result["saved_bytes_before"],
                       "after_bytes": result["saved_bytes_after"],

@@ -3,7 +3,8 @@
 Per dynamo graph the backend runs::
 
     dynamo graph (torch IR, parameters as placeholders)
-      -> forward passes: annotate_sparse_linears, rewrite_masked_adapters[, convert_peft_lora]
+      -> forward passes: annotate_sparse_linears[, convert_peft_lora], rewrite_quantized_adapters,
+         rewrite_masked_adapters
       -> aot_autograd: joint graph
            -> partition_fn: insert_checkpoints (policy != "none"), then the min-cut partitioner
            -> saved_tensor_report on the partitioned forward
@@ -188,6 +189,12 @@ def _run_forward_passes(gm: fx.GraphModule, forward_passes, ctx: PassContext,
     record.sites = dict(ctx.sites)
     missed = sorted(fqn for fqn, site in ctx.sites.items()
                     if site.rank is not None and not site.rewritten)
+    quant_aware = [fqn for fqn in missed if ctx.sites[fqn].quant_aware]
+    if quant_aware:  # the naive form would train without Q(W'): fail, compile_model falls back
+        raise RuntimeError(f"lors_fx: {len(quant_aware)} quantization-aware adapter(s) not "
+                           f"rewritten to lors::quant_lora_linear (the naive form has no "
+                           f"quantization-aware forward): {quant_aware[:4]}; notes: "
+                           f"{record.notes[:2]}")
     if missed:  # the naive form stays in the graph and saves W': never silently
         warnings.warn(f"lors_fx: {len(missed)} adapted linear(s) not rewritten to the lors op "
                       f"(they keep the naive form and save W'): {missed[:4]}; notes: "

@@ -4,7 +4,8 @@ Sites come from the adapter modules (every model) and from the compiled graphs (
 rewrite reached them); saved-for-backward bytes, pass timings, graphs, graph breaks and
 recompiles come from the compile state :func:`lors_fx.compiler.compile_model` records. For an
 uncompiled model, or a compiled one that has not run a training step yet, those are unknown
-(``None``) and the report says so.
+(``None``) and the report says so. A site on a quantized base shows its bits and group size in
+the ``base`` column (``int4 g16``, ``QA`` when its adapter is quantization-aware).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from lors_fx.compiler.state import compile_state_of
 from lors_fx.passes.manager import SparseSite
 from lors_fx.sparsity import pattern_of, sparsity_of
 
-__all__ = ["LorsReport", "report"]
+__all__ = ["LorsReport", "report", "base_text"]
 
-_SITE_HEADERS = ["module", "shape", "sparsity", "pattern", "rank", "grad_mode", "rewritten"]
+_SITE_HEADERS = ["module", "shape", "sparsity", "pattern", "rank", "grad_mode", "rewritten",
+                 "base"]
 
 
 @dataclass
@@ -71,7 +73,8 @@ class LorsReport:
 
         parts = []
         rows = [[s.fqn, "x".join(map(str, s.shape)), f"{s.sparsity:.3f}", s.pattern, s.rank,
-                 s.grad_mode, "yes" if s.rewritten else "no"] for s in self.sites]
+                 s.grad_mode, "yes" if s.rewritten else "no",
+                 base_text(s.bits, s.group_size, s.quant_aware)] for s in self.sites]
         parts.append(f"LoRS sites: {len(self.sites)} ({self.rewritten} rewritten to the lors op)")
         parts.append(tabulate(rows, headers=_SITE_HEADERS, tablefmt="simple"))
         if self.passes:
@@ -101,6 +104,15 @@ class LorsReport:
             parts.append(f"fallback to the eager op path: {self.fallback}")
         parts.extend(f"note: {note}" for note in self.notes)
         return "\n\n".join(parts)
+
+
+def base_text(bits: Optional[int], group_size: Optional[int], quant_aware: Optional[bool]) -> str:
+    """A site's base in a table: ``"float"``, or a quantized one as ``"int4 g16"`` (``" QA"``
+    added when its adapter is quantization-aware)."""
+    if bits is None:
+        return "float"
+    group = f" g{group_size}" if group_size else ""
+    return f"int{bits}{group}{' QA' if quant_aware else ''}"
 
 
 def _node_count(gm: Optional[fx.GraphModule]) -> Optional[int]:
@@ -133,7 +145,10 @@ def _module_sites(model: nn.Module) -> Dict[str, SparseSite]:
         sites[fqn] = SparseSite(fqn=fqn, shape=tuple(weight.shape),
                                 sparsity=0.0 if meta else sparsity_of(weight),
                                 pattern="meta" if meta else pattern_of(weight),
-                                rank=module.r, grad_mode=module.grad_mode, rewritten=False)
+                                rank=module.r, grad_mode=module.grad_mode, rewritten=False,
+                                bits=getattr(module, "bits", None),
+                                group_size=getattr(module, "group_size", None),
+                                quant_aware=getattr(module, "quant_aware", None))
     return sites
 
 

@@ -23,7 +23,7 @@ LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 110
             "vocab_size": 32000, "max_position_embeddings": 4096}
 JSON_KEYS = {"schema", "model", "pruning", "config", "step", "theoretical", "sites", "passes",
              "saved", "graphs", "graph_breaks", "recompiles", "compiled", "fallback", "code",
-             "notes", "seconds"}
+             "notes", "seconds", "quantization"}
 
 
 def _main(argv):
@@ -83,7 +83,7 @@ def test_passes_view_counts_matches_and_hides_the_capture(full_run):
     assert re.search(r"^\s+0\s+rewrite_masked_adapters\s+14\s+14\s+\d+\s", out, re.M)
     assert "capture_before" not in out
     assert [p["name"] for p in full_run["data"]["passes"]] == [
-        "annotate_sparse_linears", "convert_peft_lora", "rewrite_masked_adapters"]
+        "annotate_sparse_linears", "convert_peft_lora", "rewrite_quantized_adapters", "rewrite_masked_adapters"]
 
 
 def test_saved_view_and_json_show_w_eff_only_before(full_run):
@@ -113,7 +113,7 @@ def test_json_keys_and_values(full_run):
                                   "dtype", "meta"}
     assert set(data["pruning"]) == {"applied", "method", "sparsity", "pattern", "note"}
     assert set(data["sites"][0]) == {"fqn", "shape", "sparsity", "pattern", "rank", "grad_mode",
-                                     "rewritten", "naive_saved_bytes", "lors_saved_bytes"}
+                                     "rewritten", "bits", "group_size", "quant_aware", "naive_saved_bytes", "lors_saved_bytes"}
     assert set(data["passes"][0]) == {"graph", "name", "count", "nodes_created", "nodes_erased",
                                       "seconds"}
     assert set(data["saved"]) == {"before_bytes", "after_bytes", "ratio", "before", "after",

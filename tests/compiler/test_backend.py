@@ -63,7 +63,7 @@ def test_backend_rewrites_and_saves_x_instead_of_w_prime(grad_mode):
     assert len(state.graphs) == 1 and state.recompiles == 0
     record = state.graphs[0]
     assert {r.name: r.count for r in record.passes} == {"annotate_sparse_linears": 2,
-                                                        "convert_peft_lora": 0,
+                                                        "convert_peft_lora": 0, "rewrite_quantized_adapters": 0,
                                                         "rewrite_masked_adapters": 2}
     assert sorted(record.sites) == ["fc1", "fc2"]
     assert all(site.rewritten and site.grad_mode == grad_mode for site in record.sites.values())
