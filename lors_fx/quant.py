@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BITS", "QMAX", "QMIN", "DEFAULT_GROUP_SIZE", "QuantSpec", "resolve_group_size",
-           "compute_scales", "round_to_codes", "pack_codes", "unpack_codes", "dequantize_rows",
+__all__ = ["BITS", "QMAX", "QMIN", "DEFAULT_GROUP_SIZE", "SCALE_FACTORS", "QuantSpec",
+           "resolve_group_size", "compute_scales", "search_scales", "round_to_codes", "pack_codes", "unpack_codes", "dequantize_rows",
            "dequantize", "fake_quantize_rows_", "packed_shape", "code_dtype"]
 
 BITS = (4, 8)
@@ -35,6 +35,9 @@ QMAX = {4: 7, 8: 127}
 #: the lowest code a loaded checkpoint may hold (two's complement); lors_fx's scales never reach it
 QMIN = {4: -8, 8: -128}
 DEFAULT_GROUP_SIZE = 128
+#: candidate scales of :func:`search_scales`, as fractions of ``absmax / qmax`` (1.0: no clipping)
+SCALE_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05, 0.035,
+                 0.025)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,50 @@ def _round(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:
     q.view(rows, groups, cols // groups).div_(safe)
     q.round_().clamp_(1, QMAX[bits] + 1).copysign_(values).clamp_(max=QMAX[bits])
     return q.mul_(kept if kept.dtype == torch.float32 else kept.to(torch.float32))
+
+
+@torch.no_grad()
+def search_scales(weight: Tensor, bits: int, group_size: int, importance: Optional[Tensor] = None,
+                  kept: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None,
+                  factors=SCALE_FACTORS) -> Tensor:
+    """Scales ``(d_out, d_in // group_size)`` chosen per row and group among ``absmax * f / qmax``
+    (``f`` in ``factors``) to minimize ``sum_j importance_j * (w_j - dq(w_j))**2`` under the
+    sparsity-aware rounding (kept weights never 0, pruned ones 0).
+
+    Why: a kept weight below half a step is forced to +-1 step. Wanda and SparseGPT keep tiny
+    weights exactly where the inputs are huge (outlier channels), and forcing those to
+    ``absmax / qmax`` wrecks the model (Wanda-50% SmolLM2-135M, int4 g64: perplexity 58 -> 62,321
+    with absmax scales, 109 with scales searched under ``importance = E[x_j^2]``; docs/quantized.md).
+    ``importance``: one nonnegative weight per input column (``d_in``), e.g. the calibration
+    inputs' sums of squares; None = the plain squared error. ``kept``: the mask (default
+    ``weight != 0``). ``dtype``: the scales' dtype (default the weight's); the error is measured
+    with the scales rounded to it, as they will be stored."""
+    d_out, d_in = weight.shape
+    dtype = weight.dtype if dtype is None else dtype
+    groups = d_in // group_size
+    kept = (weight != 0) if kept is None else kept
+    w = weight.detach().float().masked_fill(~kept, 0.0).view(d_out, groups, group_size)
+    keep = kept.view(d_out, groups, group_size).float()
+    absmax = w.abs().amax(-1)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("quantization: the weight holds NaN or inf")
+    weights = (torch.ones(d_in, device=w.device) if importance is None
+               else importance.detach().float().to(w.device)).view(1, groups, group_size)
+    best, best_error = None, None
+    for factor in factors:
+        scale = (absmax * (factor / QMAX[bits])).to(dtype).float().unsqueeze(-1)
+        q = (w.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_()
+        q.clamp_(1, QMAX[bits] + 1).copysign_(w).clamp_(max=QMAX[bits]).mul_(keep)
+        error = (weights * (w - q * scale).pow_(2)).sum(-1)
+        if best is None:
+            best, best_error = scale.squeeze(-1), error
+        else:
+            better = error < best_error
+            best = torch.where(better, scale.squeeze(-1), best)
+            best_error = torch.where(better, error, best_error)
+    floor = torch.finfo(dtype).tiny
+    return torch.where(absmax > 0, best.to(dtype).clamp_min(floor), torch.zeros_like(best,
+                                                                                      dtype=dtype))
 
 
 def round_to_codes(values: Tensor, scales: Tensor, kept: Tensor, bits: int) -> Tensor:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lors_fx._nn import is_linear_like, matches_any, oriented_weight, replace_module
-from lors_fx.quant import (QMAX, QMIN, QuantSpec, code_dtype, compute_scales, dequantize, pack_codes,
-                           packed_shape, resolve_group_size, round_to_codes, unpack_codes)
+from lors_fx.quant import (QMAX, QMIN, QuantSpec, code_dtype, compute_scales, dequantize,
+                           pack_codes, packed_shape, resolve_group_size, round_to_codes,
+                           search_scales, unpack_codes)
 from lors_fx.sparsity import sparsity_of
 
 __all__ = ["QuantizedLinear", "quantize_linear", "quantize_model", "quantized_modules",
@@ -108,15 +109,24 @@ def check_codes_match_mask(codes: Tensor, mask: Tensor, name: str = "layer") -> 
 
 @torch.no_grad()
 def quantize_linear(module: nn.Module, spec: QuantSpec, name: str = "layer",
-                    dtype: Optional[torch.dtype] = None) -> QuantizedLinear:
-    """Round-to-nearest :class:`QuantizedLinear` of a Linear/Conv1D (scales ``absmax / qmax``;
-    kept weights stay nonzero, pruned ones are code 0). ``dtype``: the scales' and bias' dtype
-    (default: the weight's)."""
+                    dtype: Optional[torch.dtype] = None,
+                    importance: Optional[Tensor] = None) -> QuantizedLinear:
+    """Round-to-nearest :class:`QuantizedLinear` of a Linear/Conv1D (kept weights stay nonzero,
+    pruned ones are code 0). Scales: with ``importance`` (one weight per input column, e.g. the
+    calibration inputs' sums of squares) searched to minimize the importance-weighted error
+    (:func:`lors_fx.quant.search_scales`: what a real LLM needs, see there); without, ``absmax /
+    qmax``. ``dtype``: the scales' and bias' dtype (default: the weight's)."""
     weight = oriented_weight(module).detach()
     if not weight.is_floating_point():
         raise TypeError(f"{name}: a {weight.dtype} weight cannot be quantized")
     group = resolve_group_size(spec, weight.shape[1], name)
-    scales = compute_scales(weight, spec.bits, group, dtype=dtype or weight.dtype)
+    if importance is not None:
+        if importance.shape != (weight.shape[1],):
+            raise ValueError(f"{name}: importance must have shape ({weight.shape[1]},), got "
+                             f"{tuple(importance.shape)}")
+        scales = search_scales(weight, spec.bits, group, importance, dtype=dtype or weight.dtype)
+    else:
+        scales = compute_scales(weight, spec.bits, group, dtype=dtype or weight.dtype)
     codes = round_to_codes(weight, scales, weight != 0, spec.bits)
     bias = None if module.bias is None else module.bias.detach().to(scales.dtype)
     return QuantizedLinear.from_codes(codes, scales, spec.bits, bias, mask=weight != 0,
@@ -125,13 +135,17 @@ def quantize_linear(module: nn.Module, spec: QuantSpec, name: str = "layer",
 
 def quantize_model(model: nn.Module, spec: QuantSpec, *, targets: Optional[Sequence[str]] = None,
                    exclude: Sequence[str] = ("lm_head",), min_sparsity: float = 0.0,
-                   dtype: Optional[torch.dtype] = None) -> List[str]:
+                   dtype: Optional[torch.dtype] = None,
+                   importance: Optional[Dict[str, Tensor]] = None) -> List[str]:
     """Replace linears by round-to-nearest :class:`QuantizedLinear` s in place; returns their names.
 
     ``targets``: name suffixes (default: every Linear/Conv1D); ``exclude``: never quantized
     (``lm_head``: with tied embeddings it is the embedding). ``min_sparsity``: skip linears
-    sparser than nothing (0.0 quantizes dense ones too). Every layer is checked (group size
-    divides ``d_in``, float weight) before any is replaced.
+    sparser than nothing (0.0 quantizes dense ones too). ``importance``: ``{name: per-input
+    weights}`` for :func:`quantize_linear` (calibrated scales; without it the scales are
+    ``absmax / qmax``, which on a real pruned LLM can be ruinous: prefer
+    :func:`lors_fx.workflows.quantize.quantize_pruned_model`, which measures it). Every layer is
+    checked (group size divides ``d_in``, float weight) before any is replaced.
     """
     chosen = []
     for name, module in model.named_modules():
@@ -147,7 +161,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, targets: Optional[Seque
         raise ValueError("quantize_model: no linear to quantize (targets="
                          f"{list(targets) if targets else None}, exclude={list(exclude)})")
     for name, module in chosen:
-        replace_module(model, name, quantize_linear(module, spec, name, dtype))
+        replace_module(model, name, quantize_linear(
+            module, spec, name, dtype, None if importance is None else importance.get(name)))
     return [name for name, _ in chosen]
 
 

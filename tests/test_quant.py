@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lors_fx.quant import (QMAX, QuantSpec, compute_scales, dequantize, dequantize_rows,
                            fake_quantize_rows_, pack_codes, resolve_group_size, round_to_codes,
-                           unpack_codes)
+                           search_scales, unpack_codes)
 
 
 def _pruned(rows, cols, seed, sparsity=0.5, dtype=torch.float32):
@@ -130,3 +130,30 @@ def test_nan_weights_are_refused():
     weight[0, 0] = math.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         compute_scales(weight, 4, 4)
+
+
+def test_searched_scales_spare_the_tiny_weights_of_an_outlier_input_channel():
+    """Wanda keeps tiny weights where inputs are huge; absmax scales force them to a whole step
+    (the output error scales with the input), the importance-weighted search does not."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 64, generator=generator)
+    weight[:, 5] = 0.01 * torch.sign(torch.randn(32, generator=generator))  # tiny, kept
+    weight[torch.rand(32, 64, generator=generator) < 0.5] = 0
+    weight[:, 5] = 0.01
+    importance = torch.ones(64)
+    importance[5] = 1e6  # the outlier channel: its inputs are 1000x the others
+    x = torch.randn(256, 64, generator=generator) * importance.sqrt()
+
+    def output_error(scales):
+        codes = round_to_codes(weight, scales, weight != 0, 4)
+        assert torch.equal(codes != 0, weight != 0)
+        return float(((x @ (dequantize(pack_codes(codes, 4), scales, 4) - weight).t()) ** 2).mean())
+
+    absmax = compute_scales(weight, 4, 32)
+    searched = search_scales(weight, 4, 32, importance)
+    assert output_error(searched) < 0.1 * output_error(absmax)
+    plain = search_scales(weight, 4, 32)  # no importance: the plain squared error
+    error = lambda s: float(((dequantize(pack_codes(round_to_codes(weight, s, weight != 0, 4), 4),
+                                         s, 4) - weight) ** 2).sum())
+    assert error(plain) <= error(absmax) + 1e-9
+    assert torch.equal(search_scales(torch.zeros(2, 32), 4, 32), torch.zeros(2, 1))

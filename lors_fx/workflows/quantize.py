@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from lors_fx._nn import is_linear_like, matches_any, oriented_weight, replace_module
-from lors_fx.quant import QuantSpec, compute_scales, resolve_group_size, round_to_codes
+from lors_fx.quant import QuantSpec, resolve_group_size
 from lors_fx.quantized import QuantizedLinear, check_codes_match_mask, quantize_linear
 from lors_fx.sparsity import SparsityRow, sparsity_report
+from lors_fx.workflows.column_grid import ColumnGrid
 from lors_fx.workflows.calibration import (InputStats, blockwise_statistics, calibration_batches,
                                            collect_input_stats, find_blocks, run_model)
 
@@ -144,44 +145,6 @@ def inverse_hessian_factor(stats: InputStats, percdamp: float) -> Tensor:
             return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     raise RuntimeError("calibration: the Hessian X^T X is not positive definite even with 1e5x "
                        "damping; use more calibration data")
-
-
-class ColumnGrid:
-    """The quantization grid of one ``(rows, cols)`` weight, filled during a column sweep: the
-    scales (in ``dtype``) and the ``int8`` codes of the columns rounded so far."""
-
-    def __init__(self, bits: int, group_size: Optional[int], rows: int, cols: int,
-                 dtype: torch.dtype, device=None):
-        self.bits, self.dtype = bits, dtype
-        self.group = cols if group_size is None else group_size
-        self.dynamic = self.group < cols  # False: one scale per row, set before the sweep
-        self.scales = torch.zeros(rows, cols // self.group, dtype=dtype, device=device)
-        self.codes = torch.zeros(rows, cols, dtype=torch.int8, device=device)
-
-    def set_scales(self, first_col: int, values: Tensor, kept: Tensor) -> None:
-        """Scales of the whole groups ``values`` covers (from column ``first_col``): absmax of
-        the kept values / qmax; a group with kept weights gets a positive scale."""
-        rows, width = values.shape
-        groups = width // self.group
-        scales = compute_scales(values.masked_fill(~kept, 0.0), self.bits, self.group,
-                                dtype=self.dtype)
-        has_kept = kept.reshape(rows, groups, self.group).any(-1)
-        # all kept values exactly 0 (absmax 0): any positive scale rounds them to +-1
-        scales = torch.where(has_kept & (scales == 0),
-                             torch.full_like(scales, torch.finfo(self.dtype).tiny), scales)
-        start = first_col // self.group
-        self.scales[:, start:start + groups] = scales
-
-    def starts_group(self, col: int) -> bool:
-        return self.dynamic and col % self.group == 0
-
-    def round_column(self, col: int, w: Tensor, kept: Tensor) -> Tensor:
-        """Codes of column ``col`` (stored) from fp32 values ``w``; returns ``dq`` in fp32, exactly
-        as the stored layer dequantizes it (codes times scale, in the scales' dtype)."""
-        scale = self.scales[:, col // self.group].unsqueeze(1)
-        codes = round_to_codes(w.unsqueeze(1).contiguous(), scale, kept.unsqueeze(1), self.bits)
-        self.codes[:, col] = codes[:, 0]
-        return (codes.float() * scale.float()).to(self.dtype).float()[:, 0]
 
 
 def _aligned_blocksize(blocksize: int, unit: int) -> int:
@@ -301,6 +264,7 @@ def gptq_linear(module: nn.Module, stats: InputStats, spec: QuantSpec, name: str
     divide ``d_in``."""
     weight = oriented_weight(module).detach()
     grid = _grid_for(weight, spec, name)
+    grid.importance = _require_hessian(stats, name).sumsq
     kept = weight != 0
     obs_sweep(weight, _require_hessian(stats, name), blocksize, percdamp, pruned=~kept,
               grid=grid)
@@ -316,6 +280,7 @@ def sparsegpt_quantized_linear(module: nn.Module, stats: InputStats, spec: Quant
     ``nm``) is chosen and the kept weights quantized in one sweep. The module is not changed."""
     weight = oriented_weight(module).detach()
     grid = _grid_for(weight, spec, name)
+    grid.importance = _require_hessian(stats, name).sumsq
     _, pruned = obs_sweep(weight, _require_hessian(stats, name), blocksize, percdamp,
                           sparsity=sparsity, nm=nm, grid=grid)
     return _from_grid(module, grid, ~pruned, name)
@@ -324,10 +289,13 @@ def sparsegpt_quantized_linear(module: nn.Module, stats: InputStats, spec: Quant
 def quantize_calibrated_linear(module: nn.Module, spec: QuantSpec, method: str,
                                stats: Optional[InputStats], name: str = "layer",
                                blocksize: int = 128, percdamp: float = 0.01) -> QuantizedLinear:
-    """A pruned linear as a :class:`QuantizedLinear` on its mask: ``"rtn"`` (round to nearest,
-    ``stats`` unused) or ``"gptq"`` (needs ``stats`` with ``X^T X``)."""
+    """A pruned linear as a :class:`QuantizedLinear` on its mask: ``"rtn"`` (round to nearest;
+    with ``stats``, scales searched under the inputs' sums of squares) or ``"gptq"`` (needs
+    ``stats`` with ``X^T X``; its group scales are searched the same way)."""
     if method == "rtn":
-        return quantize_linear(module, spec, name)
+        return quantize_linear(module, spec, name,
+                               importance=None if stats is None or not stats.count
+                               else stats.sumsq)
     if method == "gptq":
         return gptq_linear(module, stats, spec, name, blocksize, percdamp)
     raise ValueError(f"quant_method: must be one of {QUANT_METHODS}, got {method!r}")
@@ -361,7 +329,9 @@ def quantize_pruned_model(model: nn.Module, bits: int, group_size: Optional[int]
         method: ``"gptq"`` (calibrated, block by block for HF decoders: each block's inputs come
             from the quantized blocks before it) or ``"rtn"`` (round to nearest).
         calibration: ``input_ids`` as :func:`lors_fx.workflows.prune.prune_model` takes them
-            (needed by GPTQ).
+            (needed by GPTQ; with RTN it sets the scales: without it they are ``absmax /
+            qmax``, which forces the tiny kept weights of outlier input channels to a whole
+            step and can wreck a real LLM, see :func:`lors_fx.quant.search_scales`).
         targets, exclude, progress, blocksize, percdamp: as in ``prune_model``.
 
     Returns:
@@ -381,7 +351,7 @@ def quantize_pruned_model(model: nn.Module, bits: int, group_size: Optional[int]
     if not isinstance(blocksize, int) or blocksize < 1 or not percdamp >= 0:
         raise ValueError(f"blocksize, percdamp: need a positive int and a number >= 0, got "
                          f"{blocksize!r}, {percdamp!r}")
-    batches = calibration_batches(calibration) if method == "gptq" else []
+    batches = calibration_batches(calibration) if calibration is not None else []
     if method == "gptq" and not batches:
         raise ValueError("calibration: GPTQ needs calibration inputs (input_ids tensors)")
     label = f"{method} int{bits}"
@@ -393,5 +363,5 @@ def quantize_pruned_model(model: nn.Module, bits: int, group_size: Optional[int]
         new = quantize_calibrated_linear(module, spec, method, stats, name, blocksize, percdamp)
         replace_module(model, name, new)
 
-    run_on_targets(model, modules, batches if method == "gptq" else None, bar, apply, hessian=True)
+    run_on_targets(model, modules, batches or None, bar, apply, hessian=method == "gptq")
     return [row for row in sparsity_report(model) if row.name in modules]

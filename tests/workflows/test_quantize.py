@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lors_fx.quant import QuantSpec
+from lors_fx.quant import SCALE_FACTORS, QuantSpec, round_to_codes
 from lors_fx.quantized import QuantizedLinear, quantize_linear
 from lors_fx.testing.tiny_models import build_model, build_tiny
 from lors_fx.workflows.prune import magnitude_prune_, prune_model
@@ -79,9 +79,14 @@ def test_pruned_then_quantized_codes_are_the_mask(method, quant_method, bits):
         assert torch.equal(codes != 0, mask), name
         if method == "magnitude":
             assert torch.equal(mask, reference.get_submodule(name).weight != 0), name
-        if quant_method == "rtn":  # exactly round to nearest of the pruned weight
-            rtn = quantize_linear(old, QuantSpec(bits, GROUP), name)
-            assert torch.equal(codes, rtn.codes), name
+        if quant_method == "rtn":  # round to nearest on scales searched among absmax * f / qmax
+            layer = model.get_submodule(name)
+            absmax = quantize_linear(old, QuantSpec(bits, GROUP), name).weight_scale
+            factors = torch.tensor(SCALE_FACTORS)
+            ratio = layer.weight_scale / absmax
+            assert ((ratio.unsqueeze(-1) - factors).abs().amin(-1) < 1e-5).all(), name
+            again = round_to_codes(old.weight.detach(), layer.weight_scale, mask, bits)
+            assert torch.equal(codes, again), name
 
 
 @pytest.mark.parametrize("bits", [4, 8])
