@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "aware and merge back to a sparse quantized model")
     add("--group-size", type=int, default=d["group_size"],
         help="with --bits: inputs per scale (64: SmolLM2's 576-wide inputs take no 128)")
+    add("--quant-method", choices=("gptq", "rtn"), default=d["quant_method"],
+        help="with --bits: GPTQ on the calibration blocks (default) or round to nearest")
     add("--seed", type=int, default=d["seed"])
     add("--tokenizer", default=d["tokenizer"], metavar="PATH",
         help="tokenizer directory to use instead of SmolLM2's own (must fit its vocabulary)")

@@ -36,14 +36,14 @@ from lors_fx._nn import replace_module
 from lors_fx.api import is_optimized, merge
 from lors_fx.methods.baselines import wrapped_modules
 from lors_fx.methods.measure import peak_bytes
-from lors_fx.quant import QuantSpec
-from lors_fx.quantized import quantize_model, quantized_modules
+from lors_fx.quantized import quantized_modules
 from lors_fx.sparsity import audit, snapshot_masks, sparsity_report
 from lors_fx.workflows.checks import check_tokenizer_fits, clamp_max_length, dense_linears_skipped
 from lors_fx.workflows.data import build_lm_splits, calibration_sample, load_texts, split_documents
 from lors_fx.workflows.embedded import load_smollm2, load_tokenizer
 from lors_fx.workflows.evaluate import text_perplexity
 from lors_fx.workflows.prune import prune_model
+from lors_fx.workflows.quantize import quantize_pruned_model
 from lors_fx.workflows.train import TrainConfig, TrainResult, prepare_model, train
 
 __all__ = ["DemoSettings", "run_demo", "measure_step", "compare_methods", "merge_model",
@@ -61,7 +61,8 @@ class DemoSettings(argparse.Namespace):
                 "pattern": None, "seq_len": 128, "batch_size": 2, "lr": 1e-3, "rank": 16,
                 "init": "gradient", "init_samples": 4, "calib_samples": 16, "eval_tokens": 4096,
                 "max_length": 512, "stride": None, "compare_steps": 3, "seed": 0, "json": None,
-                "no_progress": False, "tokenizer": None, "bits": None, "group_size": 64}
+                "no_progress": False, "tokenizer": None, "bits": None, "group_size": 64,
+                "quant_method": "gptq"}
 
     def __init__(self, **overrides):
         unknown = sorted(set(overrides) - set(self.DEFAULTS))
@@ -209,15 +210,20 @@ def _compare(run: _DemoRun, float_model: Optional[nn.Module] = None) -> list:
 
 
 def _quantize(run: _DemoRun) -> dict:
-    """Quantize the pruned linears (round to nearest on the sparsity-aware grid); returns the
-    bytes of their float weights and of their codes + scales."""
+    """Quantize the pruned linears on the sparsity-aware grid (GPTQ on the pruning's
+    calibration blocks, or round to nearest); returns the bytes of their float weights and of
+    their codes + scales."""
     s = run.s
     float_bytes = {name: m.weight.numel() * m.weight.element_size()
                    for name, m in run.model.named_modules() if isinstance(m, nn.Linear)}
-    run.say(f"quantizing: int{s.bits}, group size {s.group_size}")
-    names = quantize_model(run.model, QuantSpec(s.bits, s.group_size), min_sparsity=0.25)
+    run.say(f"quantizing: int{s.bits}, group size {s.group_size}, {s.quant_method}")
+    calibration = calibration_sample(run.splits.train, s.calib_samples, seed=s.seed)
+    names = [row.name for row in quantize_pruned_model(
+        run.model, s.bits, s.group_size, method=s.quant_method, calibration=calibration,
+        progress=run.progress)]
     quantized = quantized_modules(run.model)
-    return {"bits": s.bits, "group_size": s.group_size, "quantized_linears": len(names),
+    return {"bits": s.bits, "group_size": s.group_size, "quant_method": s.quant_method,
+            "quantized_linears": len(names),
             "linear_bytes_float": sum(float_bytes[name] for name in names),
             "linear_bytes_quantized": sum(t.numel() * t.element_size() for name in names
                                           for t in (quantized[name].weight_packed,
@@ -324,7 +330,8 @@ def format_summary(summary: dict) -> str:
     quantization = summary.get("quantization") or {}
     rows = [["perplexity, dense", f"{summary['ppl_dense']:.3f}"]]
     if quantization:
-        bits = f"int{quantization['bits']} g{quantization['group_size']}"
+        bits = (f"int{quantization['bits']} g{quantization['group_size']} "
+                f"{quantization['quant_method'].upper()}")
         rows += [[f"perplexity, {summary['prune']} {pattern}",
                   f"{quantization['ppl_pruned_float']:.3f}"],
                  [f"perplexity, {summary['prune']} {pattern} + {bits}",
