@@ -25,7 +25,9 @@ factors that start at zero, then measures, all methods in one process:
 JSON (``--json``): ``{"schema", "machine", "args", "peak_memory_method", "cases", "targets"}``;
 each case ``{"workload", "tokens", "r", "dtype", "linear_shapes", "matmul_ms", "matmul_gflops",
 "rows"}``; each row has :data:`ROW_KEYS` (``None`` where a method is unavailable, with the reason
-in ``status``). ``targets`` checks the issue's goals on ``llama_mlp``, T=512, r=16, fp32.
+in ``status``). ``targets`` checks the issue's goals on ``llama_mlp``, T=512, r=16, fp32;
+``quant_targets`` those of the rows on a quantized base (``--bits``: :mod:`lors_fx.bench.quant_rows`,
+with ``vs_lors``/``peak_vs_lors`` and ``base_weight_bytes``/``base_vs_bf16`` in every row).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ from lors_fx.bench.workloads import WORKLOADS, build_workload, prune_
 from lors_fx.methods.baselines import (install_mask_reapply, lors_closed_form, randomize_adapters_,
                                        set_reference_mode, trainable_parameters)
 from lors_fx.methods.measure import peak_bytes, saved_bytes
+from lors_fx.bench.quant_rows import (base_weight_bytes, build_quant_row, dense_bf16_bytes,
+                                     parse_quant_row, quant_reference)
 from lors_fx.methods.registry import BENCHMARK_METHODS, METHODS, attach_method, get_method
 
 __all__ = ["build_workload", "prune_", "saved_bytes", "run_case", "ROW_KEYS", "CASE_KEYS",
@@ -55,12 +59,14 @@ SCHEMA = "lors_fx.bench/1"
 #: the benchmark rows that are not wrapper methods (LoRS through lors_fx.optimize)
 EXTRA_METHODS = tuple(name for name in BENCHMARK_METHODS if name not in METHODS)
 ROW_KEYS = ("method", "status", "step_ms", "step_ms_min", "step_ms_all", "vs_lora", "vs_sqft",
-            "saved_bytes", "saved_vs_lora", "saved_vs_sqft", "peak_bytes", "peak_vs_lora", "peak_vs_sqft",
-            "trainable_params", "optimizer_state_bytes", "flops", "gflops", "roofline_frac",
-            "max_err_y", "max_err_grad", "rel_err_y", "rel_err_grad")
+            "vs_lors", "saved_bytes", "saved_vs_lora", "saved_vs_sqft", "saved_vs_lors",
+            "peak_bytes", "peak_vs_lora", "peak_vs_sqft", "peak_vs_lors", "base_weight_bytes",
+            "base_vs_bf16", "trainable_params", "optimizer_state_bytes", "flops", "gflops",
+            "roofline_frac", "max_err_y", "max_err_grad", "rel_err_y", "rel_err_grad")
 CASE_KEYS = ("workload", "tokens", "r", "dtype", "linear_shapes", "matmul_ms", "matmul_gflops",
              "rows")
-TOP_KEYS = ("schema", "machine", "args", "peak_memory_method", "cases", "targets")
+TOP_KEYS = ("schema", "machine", "args", "peak_memory_method", "cases", "targets",
+            "quant_targets")
 #: (label, row key, baseline method, bound): the issue's goals for lors on llama_mlp T=512 r=16 fp32.
 TARGETS = (("step <= 1.10x LoRA", "step_ms", "lora", 1.10),
            ("step <= 0.50x SPP", "step_ms", "spp", 0.50),
@@ -88,6 +94,19 @@ def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _quant_op_flops(x_shape, packed_shape, scales_shape, a_shape, *args, out_shape=None,
+                    **kwargs) -> int:
+    """The quantized LoRS op's forward: ``B @ A`` + ``x @ W'^T`` (``d_out`` from the codes)."""
+    r, d_in = a_shape
+    return 2 * packed_shape[0] * r * d_in + 2 * math.prod(x_shape[:-1]) * d_in * packed_shape[0]
+
+
+def _quant_weight_flops(packed_shape, scales_shape, a_shape, *args, out_shape=None,
+                        **kwargs) -> int:
+    """The quantized ``W'`` build (the backward's recompute): ``B @ A``."""
+    return 2 * packed_shape[0] * a_shape[0] * a_shape[1]
+
+
 def _flop_counter() -> FlopCounterMode:
     """A FlopCounterMode that also counts the LoRS ops' forward (it cannot see inside an opaque
     custom op; their backward runs plain aten ops, which it sees) and ``addmm_``. The formulas
@@ -97,6 +116,11 @@ def _flop_counter() -> FlopCounterMode:
         op = getattr(torch.ops.lors, name, None)
         if op is not None:
             formulas[op] = _lors_op_flops
+    for name, formula in (("quant_lora_linear", _quant_op_flops),
+                          ("quant_masked_weight", _quant_weight_flops)):
+        op = getattr(torch.ops.lors, name, None)
+        if op is not None:
+            formulas[op] = formula
     return FlopCounterMode(display=False, custom_mapping=formulas)
 
 
@@ -191,11 +215,11 @@ def _reference_copy(raw: nn.Module) -> nn.Module:
     return ref
 
 
-def _agreement(train, raw, x, grad_y) -> dict:
+def _agreement(train, raw, x, grad_y, reference=_reference_copy) -> dict:
     params = trainable_parameters(raw)
     y = train(x * 1.0)
     grads = torch.autograd.grad(y, params, grad_y)
-    ref = _reference_copy(raw)
+    ref = reference(raw)
     y_ref = ref(x.detach().double().requires_grad_())
     grads_ref = torch.autograd.grad(y_ref, trainable_parameters(ref), grad_y.double())
     err_y = (y.double() - y_ref).abs().max().item()
@@ -219,13 +243,24 @@ def _measure_method(method: str, case: _Case, rows: Dict[str, dict]) -> Callable
     compiled = method.endswith("+compile")
     name = method.removesuffix("+compile")
     row, x_leaf = rows[method], case.x_leaf
-    train, raw = _build_method(name, case.base, case.r, case.alpha, compiled)
+    quantized = parse_quant_row(name) is not None
+    if quantized:
+        try:
+            train = raw = build_quant_row(name, case.base, case.r, case.alpha,
+                                          getattr(case.args, "group_size", 128))
+        except ValueError as error:  # the group does not divide a d_in
+            raise _Unavailable(str(error)) from error
+    else:
+        train, raw = _build_method(name, case.base, case.r, case.alpha, compiled)
     params = trainable_parameters(raw)
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     install_mask_reapply(optimizer, raw)
-    row.update(_agreement(train, raw, x_leaf, case.grad_y))  # also compiles compiled rows
-    row["saved_bytes"] = saved_bytes(lambda: train(x_leaf * 1.0),
-                                     list(raw.parameters()) + [x_leaf])
+    row.update(_agreement(train, raw, x_leaf, case.grad_y,  # also compiles compiled rows
+                          quant_reference if quantized else _reference_copy))
+    row["base_weight_bytes"], bf16 = base_weight_bytes(raw), dense_bf16_bytes(raw)
+    row["base_vs_bf16"] = row["base_weight_bytes"] / bf16 if bf16 else None
+    row["saved_bytes"] = saved_bytes(lambda: train(x_leaf * 1.0),  # alive anyway: not counted
+                                     list(raw.parameters()) + list(raw.buffers()) + [x_leaf])
     eager_twin = rows.get("lors_fx_eager" if name == "lors_fx_compiled" else name, {})
     if (compiled or name == "lors_fx_compiled") and eager_twin.get("flops"):
         row["flops"] = eager_twin["flops"]  # the counter would re-trace compiled code
@@ -278,7 +313,7 @@ def _add_ratios(rows: Dict[str, dict]) -> None:
     for row in rows.values():
         for key, ref_key in (("step_ms", "vs"), ("saved_bytes", "saved_vs"),
                              ("peak_bytes", "peak_vs")):
-            for baseline in ("lora", "sqft"):
+            for baseline in ("lora", "sqft", "lors"):
                 other = rows.get(baseline, {}).get(key)
                 row[f"{ref_key}_{baseline}"] = (row[key] / other if row[key] is not None
                                                 and other else None)

@@ -17,6 +17,8 @@ import torch
 from tabulate import tabulate
 
 from lors_fx.bench.harness import _DTYPES, EXTRA_METHODS, SCHEMA, WORKLOADS, _targets, run_case
+from lors_fx.bench.quant_rows import (parse_group_size, parse_quant_row, quant_row_names,
+                                     quant_targets)
 from lors_fx.compiler._torch_private import recompile_limit_at_least
 from lors_fx.methods.registry import METHODS
 
@@ -27,16 +29,26 @@ def _mib(nbytes):
     return None if nbytes is None else nbytes / 2**20
 
 
+def _quantized_case(case: dict) -> bool:
+    return any("@int" in row["method"] for row in case["rows"])
+
+
 def format_case(case: dict) -> str:
-    """A tabulate table of one case (times in ms, memory in MiB, ratios x)."""
+    """A tabulate table of one case (times in ms, memory in MiB, ratios x); with rows on a
+    quantized base (``--bits``), also their ratios to the ``lors`` row and the base's bytes."""
+    quantized = _quantized_case(case)
     table = []
     for row in case["rows"]:
-        table.append([row["method"], row["step_ms"], row["vs_lora"], row["vs_sqft"],
+        extra = ([row["vs_lors"], row["peak_vs_lors"], _mib(row["base_weight_bytes"]),
+                  row["base_vs_bf16"]] if quantized else [])
+        table.append([row["method"], row["step_ms"], row["vs_lora"], row["vs_sqft"], *extra,
                       _mib(row["saved_bytes"]), row["saved_vs_sqft"], _mib(row["peak_bytes"]),
                       row["peak_vs_sqft"], row["trainable_params"], row["gflops"],
                       row["roofline_frac"], row["rel_err_y"], row["rel_err_grad"],
                       "" if row["status"] == "ok" else row["status"]])
-    headers = ["method", "step ms", "xLoRA", "xSQFT", "saved MiB", "saved xSQFT", "peak MiB",
+    headers = ["method", "step ms", "xLoRA", "xSQFT",
+               *(["xLoRS", "peak xLoRS", "base MiB", "base xbf16"] if quantized else []),
+               "saved MiB", "saved xSQFT", "peak MiB",
                "peak xSQFT", "trainable", "GFLOP/s", "roofline", "rel err y", "rel err grad",
                "status"]
     title = (f"{case['workload']}  T={case['tokens']}  r={case['r']}  {case['dtype']}  "
@@ -85,6 +97,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--compile", action="store_true",
         help="also run each baseline under torch.compile (inductor) and lors_fx_compiled")
     add("--alpha", type=float, help="adapter alpha (default 2r: s = 2)")
+    add("--bits", type=int, nargs="+", choices=(4, 8),
+        help="also run LoRS on the base quantized round-to-nearest to these bits, beside the "
+             "unquantized rows: lors@intB, lors_qa@intB (quant-aware), sqft@intB (naive form)")
+    add("--group-size", type=_group_size, default=128,
+        help="inputs per scale of --bits (default 128; 'channel': one scale per row); it must "
+             "divide every d_in (llama_mlp at --scale 0.25 has 2752: use 64, or --scale 0.5)")
     add("--sparsity", type=float, default=0.5)
     add("--steps", type=int, default=10, help="timed steps per method (median)")
     add("--warmup", type=int, default=2)
@@ -97,6 +115,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--plot", help="write a bar chart PNG (needs matplotlib)")
     add("--no-progress", action="store_true", help="no progress bar (the tables still print)")
     return parser
+
+
+def _group_size(text: str):
+    try:
+        return parse_group_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _machine(device) -> dict:
@@ -112,13 +137,17 @@ def _machine(device) -> dict:
 def _method_list(args: argparse.Namespace) -> List[str]:
     """The rows to run: ``--methods`` (default every eager one), plus the compiled rows."""
     methods = list(args.methods or list(METHODS) + ["lors_fx_eager"])
-    unknown = [m for m in methods if m.removesuffix("+compile") not in (*METHODS, *EXTRA_METHODS)]
+    unknown = [m for m in methods if m.removesuffix("+compile") not in (*METHODS, *EXTRA_METHODS)
+               and parse_quant_row(m) is None]
     if unknown:
         raise SystemExit(f"bench: unknown method(s) {unknown}; known: "
                          f"{list(METHODS) + list(EXTRA_METHODS)}")
     if args.compile:
         methods += [f"{m}+compile" for m in methods if m in METHODS] + ["lors_fx_compiled"]
-    return list(dict.fromkeys(methods))
+    bits = getattr(args, "bits", None)
+    if bits and "lors" not in methods:  # the quantized rows' step ratio is to this row
+        methods.append("lors")
+    return list(dict.fromkeys(methods + quant_row_names(bits)))
 
 
 def _run_grid(args: argparse.Namespace, methods: List[str]) -> List[dict]:
@@ -167,12 +196,15 @@ def bench_main(args: argparse.Namespace) -> dict:
     cases = _run_grid(args, methods)
     result = {"schema": SCHEMA, "machine": _machine(args.device),
               "args": {k: v for k, v in vars(args).items() if not callable(v)},
-              "peak_memory_method": peak_method, "cases": cases, "targets": _targets(cases)}
+              "peak_memory_method": peak_method, "cases": cases, "targets": _targets(cases),
+              "quant_targets": quant_targets(cases)}
     print(f"threads={torch.get_num_threads()}  peak memory: {peak_method}")
     if result["targets"]:
         print(tabulate([[t["target"], t["ratio"], t["holds"]] for t in result["targets"]],
                        headers=["issue target (lors, llama_mlp T=512 r=16 fp32)", "ratio",
                                 "holds"], floatfmt=".3f"))
+    if result["quant_targets"]:
+        print(_format_quant_targets(result["quant_targets"]))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
@@ -180,6 +212,14 @@ def bench_main(args: argparse.Namespace) -> dict:
     if args.plot:
         print(_plot(cases, args.plot))
     return result
+
+
+def _format_quant_targets(targets: List[dict]) -> str:
+    """The quantized rows' goals as one table (every case with ``--bits`` rows)."""
+    table = [[t["workload"], t["tokens"], t["r"], t["dtype"], t["row"], t["target"], t["ratio"],
+              t["holds"]] for t in targets]
+    return tabulate(table, headers=["workload", "T", "r", "dtype", "row", "issue target (--bits)",
+                                    "ratio", "holds"], floatfmt=".3f", missingval="-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
