@@ -344,3 +344,15 @@ def mul_factors(node: fx.Node, interior: List[fx.Node]) -> Tuple[List[Any], floa
             leaves, scale = [inner], 1.0
         return leaves, scale / scalar_of(node.args[1])
     return [node], 1.0
+
+
+def replace_site(gm: fx.GraphModule, linear: fx.Node, result: fx.Node, site, intermediates,
+                 grad_mode: str, erased: set, meta_key: str) -> None:
+    """The end of a rewrite: ``result`` (the emitted op) takes ``linear``'s place, carrying the
+    site under ``meta_key``; ``linear`` and the match's now unused intermediates are erased (and
+    added to ``erased``); the site is marked rewritten with ``grad_mode``."""
+    result.meta[meta_key] = site
+    gm.graph.erase_node(linear)
+    erased.add(linear)
+    erased.update(erase_if_unused(gm.graph, intermediates))
+    site.rewritten, site.grad_mode = True, grad_mode

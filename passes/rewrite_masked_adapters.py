@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from lors_fx.passes._match import (NoMatch, erase_if_unused, is_op, linear_args, requires_grad,
+from lors_fx.passes._match import (NoMatch, is_op, linear_args, replace_site, requires_grad,
                                    shape_of, site_for_weight, strip_transposes)
 from lors_fx.passes._patterns import emit_lors_op, match_masked_adapter, op_settings
 from lors_fx.passes.manager import SITE_META_KEY, PassContext, PassResult, register_pass
@@ -86,11 +86,8 @@ def rewrite_masked_adapters(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         args = (match.x, match.base, match.lora_A, match.lora_B, match.bias, match.scaling,
                 match.include_base)
         result = emit_lors_op(gm, linear, args, ctx, match.w_eff.meta)
-        result.meta[SITE_META_KEY] = site
-        gm.graph.erase_node(linear)
-        erased.add(linear)
-        erased.update(erase_if_unused(gm.graph, match.intermediates))
-        site.rewritten, site.grad_mode = True, grad_mode
+        replace_site(gm, linear, result, site, match.intermediates, grad_mode, erased,
+                     SITE_META_KEY)
         rewritten.append(site.fqn)
     for name, reason in skipped.items():
         ctx.notes.append(f"rewrite_masked_adapters: left {name} unchanged: {reason}")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from lors_fx.passes._match import NoMatch, erase_if_unused, is_op, linear_args
+from lors_fx.passes._match import NoMatch, is_op, linear_args, replace_site
 from lors_fx.passes._patterns import op_settings, strip_casts
 from lors_fx.passes._quant_patterns import (emit_quant_op, is_dequantize, match_quantized_adapter,
                                             quant_site_for)
@@ -73,11 +73,8 @@ def rewrite_quantized_adapters(gm: fx.GraphModule, ctx: PassContext) -> PassResu
             skipped[linear.name] = "codes unknown (not a model buffer) or not sparse enough"
             continue
         result = emit_quant_op(gm, match, (grad_mode, chunk_bytes), bool(site.quant_aware))
-        result.meta[SITE_META_KEY] = site
-        gm.graph.erase_node(linear)
-        erased.add(linear)
-        erased.update(erase_if_unused(gm.graph, match.intermediates))
-        site.rewritten, site.grad_mode = True, grad_mode
+        replace_site(gm, linear, result, site, match.intermediates, grad_mode, erased,
+                     SITE_META_KEY)
         rewritten.append(site.fqn)
     for name, reason in skipped.items():
         ctx.notes.append(f"rewrite_quantized_adapters: left {name} unchanged: {reason}")

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lors_fx._nn import is_linear_like, matches_any, oriented_weight, replace_module
 from lors_fx.quant import QuantSpec, resolve_group_size
-from lors_fx.quantized import QuantizedLinear, check_codes_match_mask, quantize_linear
+from lors_fx.quantized import QuantizedLinear, quantize_linear
 from lors_fx.sparsity import SparsityRow, sparsity_report
 from lors_fx.workflows.column_grid import ColumnGrid
 from lors_fx.workflows.calibration import (InputStats, blockwise_statistics, calibration_batches,
@@ -243,7 +243,6 @@ def _require_hessian(stats: Optional[InputStats], name: str) -> InputStats:
 
 def _from_grid(module: nn.Module, grid: ColumnGrid, kept: Tensor, name: str) -> QuantizedLinear:
     """The :class:`QuantizedLinear` of a swept grid, its codes checked against ``kept``."""
-    check_codes_match_mask(grid.codes, kept, name)
     bias = None if module.bias is None else module.bias.detach().to(grid.dtype)
     return QuantizedLinear.from_codes(grid.codes, grid.scales, grid.bits, bias, mask=kept,
                                       name=name)
