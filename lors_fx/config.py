@@ -100,6 +100,11 @@ class LorsConfig:
             through ``Q(W')`` on the base's grid (fake-quantized, straight-through gradient), so
             the merged quantized model computes exactly what was trained (SQFT's QA idea).
             Has no effect on float bases; needs ``lora_dropout=0``.
+        fuse_build: on the compiled path, for each graph inductor compiles, lower the op's ``W'``
+            build (forward and the backward's rebuild) into aten ops after the partitioner
+            (``lors_fx.passes.lower_lors_ops``): inductor fuses it into one pass over the weight
+            and the op's Python dispatch goes away; what is saved for backward is unchanged
+            (``x``). ``True`` (default); ``False`` keeps the op opaque (the ablation).
     """
 
     r: int = 16
@@ -122,6 +127,7 @@ class LorsConfig:
     adapter_dtype: str = "float32"
     semi_structured: bool = False
     quant_aware: bool = False
+    fuse_build: bool = True
 
     def __post_init__(self):
         def fail(name, message):
@@ -169,7 +175,7 @@ class LorsConfig:
             if getattr(self, name) not in COMPILERS:
                 fail(name, f"must be one of {COMPILERS}, got {getattr(self, name)!r}")
         for name in ("use_rslora", "recompute", "init_mask_gradient", "semi_structured",
-                     "quant_aware"):
+                     "quant_aware", "fuse_build"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.convert_peft is not None and not isinstance(self.convert_peft, bool):

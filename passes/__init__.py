@@ -14,9 +14,10 @@ from lors_fx.passes.rewrite_masked_adapters import rewrite_masked_adapters
 from lors_fx.passes.rewrite_quantized_adapters import rewrite_quantized_adapters
 from lors_fx.passes.insert_checkpoints import insert_checkpoints
 from lors_fx.passes.saved_tensor_report import saved_tensor_report
+from lors_fx.passes.lower_lors_ops import lower_lors_ops
 
 __all__ = ["GraphPass", "PassContext", "PassResult", "SITE_META_KEY", "SparseSite", "run_passes",
            "RegisteredPass", "PASSES", "STAGES", "register_pass", "passes_for",
            "annotate_sparse_linears", "convert_peft_lora", "rewrite_masked_adapters",
            "rewrite_quantized_adapters",
-           "insert_checkpoints", "saved_tensor_report"]
+           "insert_checkpoints", "saved_tensor_report", "lower_lors_ops"]

@@ -73,8 +73,9 @@ class PassResult:
 GraphPass = Callable[[fx.GraphModule, PassContext], PassResult]
 
 #: Where a pass runs: ``"forward"`` on dynamo's torch-IR graph before aot_autograd, ``"joint"`` on
-#: the joint forward+backward graph before the partitioner, ``"report"`` on the partitioned forward.
-STAGES = ("forward", "joint", "report")
+#: the joint forward+backward graph before the partitioner, ``"report"`` on the partitioned forward,
+#: ``"lower"`` on each partitioned graph (forward and backward) that goes to inductor.
+STAGES = ("forward", "joint", "report", "lower")
 
 
 @dataclass(frozen=True)

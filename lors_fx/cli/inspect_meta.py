@@ -243,8 +243,15 @@ def _training_records(model) -> list:
 
 
 def _joined(records, attribute: str) -> Optional[str]:
-    parts = [f"# graph {r.index}: {attribute}\n" + display_code(getattr(r, attribute))
-             for r in records if getattr(r, attribute) is not None]
+    """Each record's ``attribute`` graph as code: the one inductor compiled (after the "lower"
+    passes) where there is one, else the partitioned graph."""
+    parts = []
+    for r in records:
+        lowered = r.lowered.get(attribute)
+        graph = lowered if lowered is not None else getattr(r, attribute)
+        if graph is not None:
+            how = " (lowered for inductor: lower_lors_ops)" if lowered is not None else ""
+            parts.append(f"# graph {r.index}: {attribute}{how}\n" + display_code(graph))
     return "\n".join(parts) if parts else None
 
 

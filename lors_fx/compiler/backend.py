@@ -122,8 +122,8 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
             return record.forward, record.backward
 
         decompositions = private.inductor_decompositions() if any(inductor) else None
-        compiled = private.aot_backend(_graph_compiler(record, inductor[0], False),
-                                       _graph_compiler(record, inductor[1], True), partition_fn,
+        compiled = private.aot_backend(_graph_compiler(record, inductor[0], False, ctx),
+                                       _graph_compiler(record, inductor[1], True, ctx), partition_fn,
                                        decompositions=decompositions)(gm, example_inputs)
         if original is not None and record.backward is not None:
             record.saved_before = _saved_before(original, example_inputs, config, model,
@@ -150,17 +150,23 @@ def _choose_compilers(record: GraphRecord, config: LorsConfig, example_inputs) -
     return fw == "inductor", bw == "inductor"
 
 
-def _graph_compiler(record: GraphRecord, use_inductor: bool, is_backward: bool) -> Callable:
-    """aot_autograd's fw/bw compiler: inductor, or run the GraphModule as it is ("eager"). An
-    inductor failure runs the graph eagerly, recorded and warned about with the error."""
+def _graph_compiler(record: GraphRecord, use_inductor: bool, is_backward: bool,
+                    ctx: PassContext) -> Callable:
+    """aot_autograd's fw/bw compiler: the "lower" passes on a copy of the graph, then inductor;
+    or run the GraphModule as it is ("eager"). An inductor failure runs the graph eagerly
+    (unlowered), recorded and warned about with the error."""
     def compile_one(graph_gm, inputs):
         if not is_backward and record.forward is None:
             record.forward = graph_gm  # inference graph: no partition
+        part = "backward" if is_backward else "forward"
         if use_inductor:
             try:
-                return private.inductor_compiler(is_backward)(graph_gm, inputs)
+                lowered = copy_graph_module(graph_gm)
+                record.lower_passes[part] = run_passes(
+                    lowered, passes_for("lower", ctx.config), ctx)
+                record.lowered[part] = lowered
+                return private.inductor_compiler(is_backward)(lowered, inputs)
             except Exception as error:  # a slower graph, never a failed training step
-                part = "backward" if is_backward else "forward"
                 record.compilers[part] = "eager"
                 why = f"inductor failed on the {part} graph, ran eagerly: " \
                       f"{type(error).__name__}: {str(error).strip()[:300]}"

@@ -184,8 +184,10 @@ def report(model: nn.Module) -> LorsReport:
                 sites[fqn] = SparseSite(**asdict(site))
             elif site.rewritten:
                 known.rewritten = True
-        for result_ in record.passes + record.joint_passes:
-            result.passes.append({"graph": record.index, "name": result_.name,
+        lowered = [(f"{r.name} ({part})", r) for part, results in record.lower_passes.items()
+                   for r in results]
+        for name, result_ in [(r.name, r) for r in record.passes + record.joint_passes] + lowered:
+            result.passes.append({"graph": record.index, "name": name,
                                   "count": result_.count, "nodes_created": result_.nodes_created,
                                   "nodes_erased": result_.nodes_erased,
                                   "seconds": result_.seconds})

@@ -35,6 +35,10 @@ class GraphRecord:
     compilers: Dict[str, str] = field(default_factory=dict)
     #: why a graph runs eagerly although inductor was asked for or "auto"
     compiler_notes: List[str] = field(default_factory=list)
+    #: the "lower" passes on each graph inductor compiled (``{"forward": [...], "backward": ...}``)
+    #: and the graphs it compiled (``forward``/``backward`` above are before them)
+    lower_passes: Dict[str, List[PassResult]] = field(default_factory=dict)
+    lowered: Dict[str, fx.GraphModule] = field(default_factory=dict)
 
 
 @dataclass
