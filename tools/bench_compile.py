@@ -157,18 +157,29 @@ class _AuthorsFunction(torch.autograd.Function):
                 None)
 
 
-def _lors_config(args, compiler: str = "auto"):
+def _lors_config(args, compiler: str = "auto", **overrides):
     from lors_fx.config import LorsConfig
 
     return LorsConfig(r=args.r, lora_alpha=2.0 * args.r, checkpoint=args.checkpoint,
-                      fw_compiler=compiler, bw_compiler=compiler)
+                      fw_compiler=compiler, bw_compiler=compiler, **overrides)
 
 
-def setup_lors(args, compile: bool, compiler: str = "auto") -> nn.Module:
-    """``lors_fx.optimize(model, cfg, compile=...)`` (``compiler="auto"``: its defaults)."""
+def setup_lors(args, compile: bool, compiler: str = "auto", **overrides) -> nn.Module:
+    """``lors_fx.optimize(model, cfg, compile=...)`` (``compiler="auto"``: its defaults;
+    ``overrides``: other :class:`LorsConfig` fields)."""
     from lors_fx.api import optimize
 
-    return optimize(build_model(args), _lors_config(args, compiler), compile=compile)
+    return optimize(build_model(args), _lors_config(args, compiler, **overrides), compile=compile)
+
+
+def setup_lors_whole(args) -> nn.Module:
+    """``optimize(..., compile=False)`` then ``compile_model(scope="model")``: one graph for the
+    whole model instead of one per decoder block (the default's ``scope="auto"``)."""
+    from lors_fx.api import optimize
+    from lors_fx.compiler import compile_model
+
+    config = _lors_config(args)
+    return compile_model(optimize(build_model(args), config, compile=False), config, scope="model")
 
 
 def setup_baseline(args, cls, compiled: bool) -> nn.Module:
@@ -214,6 +225,9 @@ def methods(args) -> Dict[str, Callable[[], nn.Module]]:
     """Name -> zero-argument builder, in table order (compiled PEFT LoRA is the reference)."""
     table = {
         "lors_fx optimize() defaults": lambda: setup_lors(args, compile=True),
+        "lors_fx compiled, op kept opaque (fuse_build=False)":
+            lambda: setup_lors(args, True, fuse_build=False),
+        "lors_fx compiled whole model (scope='model')": lambda: setup_lors_whole(args),
         "lors_fx compiled, eager compilers": lambda: setup_lors(args, True, "eager"),
         "lors_fx eager op (compile=False)": lambda: setup_lors(args, compile=False),
         "authors' form (autograd.Function)": lambda: setup_baseline(args, AuthorsForm, False),

@@ -264,8 +264,10 @@ def _measure_method(method: str, case: _Case, rows: Dict[str, dict]) -> Callable
     eager_twin = rows.get("lors_fx_eager" if name == "lors_fx_compiled" else name, {})
     if (compiled or name == "lors_fx_compiled") and eager_twin.get("flops"):
         row["flops"] = eager_twin["flops"]  # the counter would re-trace compiled code
-    else:
-        row["flops"] = _count_flops(raw, x_leaf)
+    else:  # on a deep copy of a model compiled in place (it runs eagerly): counting traces
+        # the forward under a dispatch mode, which would make the compiled one fall back for good
+        row["flops"] = _count_flops(copy.deepcopy(raw) if name == "lors_fx_compiled" else raw,
+                                    x_leaf)
     x_leaf.grad = None
     for p in params:
         p.grad = None

@@ -30,6 +30,8 @@ What is used, and why:
 - Dynamo's source names in ``nn_module_stack`` (``L['self'].layers[0]``, ``getattr(...)``) and
   aot_autograd's ``meta["autograd_backward"]`` / ``meta["partitioner_tag"]`` on nodes the joint
   graph traced for backward.
+- ``torch.utils._python_dispatch._get_current_dispatch_mode``: a compiled call inside a
+  ``TorchDispatchMode`` (``FlopCounterMode``) would make dynamo skip the frame for good.
 - Dynamo caches compiled graphs per code object: :func:`fresh_entry_point` gives a forward a code
   object of its own (so models whose forwards share decorator code do not share one cache).
 """
@@ -48,36 +50,14 @@ from torch.utils.checkpoint import CheckpointPolicy  # public; re-exported for t
 from lors_fx.compiler._torch_versions import (TESTED_TORCH, LoggingFunctionKey,
                                               check_torch_version, torch_at_least)
 
-__all__ = [
-    "TESTED_TORCH",
-    "CheckpointPolicy",
-    "RECOMPUTE_META_KEY",
-    "AC_GRAPH_ID_META_KEY",
-    "is_primal",
-    "is_tangent",
-    "must_recompute",
-    "min_cut_partition",
-    "aot_backend",
-    "aot_trace",
-    "partition_context",
-    "boxed",
-    "inductor_compiler",
-    "inductor_decompositions",
-    "graph_break_count",
-    "graph_break_reasons",
-    "current_compile_id",
-    "fake_mode_of",
-    "fresh_tracing",
-    "size_hint",
-    "is_view_op",
-    "ignore_logging_function",
-    "dynamo_error_types",
-    "module_path_from_source",
-    "is_backward_traced",
-    "recompile_limit_at_least",
-    "fresh_entry_point",
-    "clone_function",
-]
+__all__ = ["TESTED_TORCH", "CheckpointPolicy", "RECOMPUTE_META_KEY", "AC_GRAPH_ID_META_KEY",
+           "is_primal", "is_tangent", "must_recompute", "min_cut_partition", "aot_backend",
+           "aot_trace", "partition_context", "boxed", "inductor_compiler",
+           "inductor_decompositions", "graph_break_count", "graph_break_reasons",
+           "current_compile_id", "fake_mode_of", "fresh_tracing", "size_hint", "is_view_op",
+           "ignore_logging_function", "dynamo_error_types", "module_path_from_source",
+           "is_backward_traced", "recompile_limit_at_least", "fresh_entry_point",
+           "clone_function", "dispatch_mode_active"]
 
 #: ``node.meta`` key the partitioner reads for the checkpoint policy of a node.
 RECOMPUTE_META_KEY = "recompute"
@@ -310,6 +290,14 @@ def specialize_floats():
     import torch._dynamo.config as dynamo_config
 
     return dynamo_config.patch(specialize_float=True)
+
+
+def dispatch_mode_active() -> bool:
+    """True inside a ``TorchDispatchMode`` (``FlopCounterMode``, a debug mode): a compiled call
+    there makes dynamo skip the frame for good, so compiled forwards run eagerly instead."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
 
 
 def fsdp_lazy_initialized(model: nn.Module) -> bool:

@@ -8,7 +8,8 @@
   ``_orig_mod.`` wrapper) and the forward's signature is kept (the Trainer inspects it).
 - Calls with gradients disabled (evaluation, ``generate()``) run the eager path: the adapters call
   the lors op directly. It is exact, saves nothing, and avoids a recompile per generation length;
-  the compiled path is for training steps.
+  the compiled path is for training steps. So do calls inside a ``TorchDispatchMode`` (e.g.
+  ``FlopCounterMode``): dynamo would skip the frame for good and the model would stay eager.
 - If dynamo cannot capture the forward (a compile error, an empty capture, or, with
   ``fallback_on_graph_break``, any graph break on a call) the model falls back to the eager op
   path for good, with a warning that says why: code outside a graph would run the naive form,
@@ -34,6 +35,7 @@ from lors_fx.compiler import _torch_private as private
 from lors_fx.compiler.backend import backend
 from lors_fx.compiler.blocks import decoder_blocks, inside
 from lors_fx.compiler.compilers import resolve_compiler
+from lors_fx.compiler.loss import install_compiled_loss, remove_compiled_loss
 from lors_fx.compiler.state import LorsCompileState, compile_state_of, is_compiled
 from lors_fx.config import LorsConfig, parse_checkpoint_policy
 from lors_fx.state import LorsState, set_state, state_of
@@ -96,7 +98,8 @@ class _CompiledForward:
                     with _eager_adapters(self.modules):
                         return original(*args, **kwargs)
                 return model.forward(*args, **kwargs)
-        if state.fallback is not None or not torch.is_grad_enabled():
+        if state.fallback is not None or not torch.is_grad_enabled() \
+                or private.dispatch_mode_active():
             with _eager_adapters(self.modules):
                 return original(*args, **kwargs)
         breaks_before = private.graph_break_count()
@@ -195,10 +198,7 @@ def _regional(model: nn.Module, config: LorsConfig) -> bool:
     class share one compiled graph, so the compile time is one block's, not the model's (30x less
     on SmolLM2-135M); it needs decoder blocks holding every adapter and a per-block checkpoint
     policy. With the eager compilers a whole-model graph costs little, and stays."""
-    params = next(iter(model.parameters()), None)
-    device = params.device.type if params is not None else "cpu"
-    if "inductor" not in (resolve_compiler(config.fw_compiler, device)[0],
-                          resolve_compiler(config.bw_compiler, device)[0]):
+    if not _uses_inductor(model, config):
         return False
     if parse_checkpoint_policy(config.checkpoint)[0] not in ("none", "block"):
         return False
@@ -210,11 +210,20 @@ def _regional(model: nn.Module, config: LorsConfig) -> bool:
     return len(blocks) > 1 and all(any(inside(n, b) for b in names) for n in lors_modules(model))
 
 
+def _uses_inductor(model: nn.Module, config: LorsConfig) -> bool:
+    """True when ``config``'s compilers resolve to inductor for the model's device."""
+    params = next(iter(model.parameters()), None)
+    device = params.device.type if params is not None else "cpu"
+    return "inductor" in (resolve_compiler(config.fw_compiler, device)[0],
+                          resolve_compiler(config.bw_compiler, device)[0])
+
+
 def _install_block_forwards(model: nn.Module, roots: List[nn.Module], state: LorsCompileState,
                             backend_fn: Callable, dynamic, modules: List[nn.Module],
                             fallback_on_graph_break: bool) -> None:
     """Compile each block's class forward once (blocks of one class share the compiled code:
-    dynamo lifts their parameters to graph inputs) and install it on every block."""
+    dynamo lifts their parameters to graph inputs) and install it on every block; with inductor
+    also the HF loss (:mod:`lors_fx.compiler.loss`)."""
     compiled_by_function: Dict[Callable, Callable] = {}
     for block in roots:
         function = type(block).forward
@@ -227,6 +236,8 @@ def _install_block_forwards(model: nn.Module, roots: List[nn.Module], state: Lor
                                          modules, fallback_on_graph_break,
                                          types.MethodType(function, block))
     state.compiled_roots = list(roots)
+    if _uses_inductor(model, state.config):
+        install_compiled_loss(model, state, dynamic)
 
 
 def _ignore_transformers_logging() -> None:
@@ -264,7 +275,8 @@ def compile_model(model: nn.Module, config: Optional[LorsConfig] = None, *, dyna
             (:func:`lors_fx.distributed.decoder_blocks`) instead, so hooks between blocks (FSDP2's
             all-gather and reshard) run outside the graphs; ``"auto"`` = ``"blocks"`` for a model
             sharded with FSDP2 or compiled with inductor (regional compilation: one block's
-            compile time instead of the model's), else ``"model"`` — and if FSDP2 shards the model after this call
+            compile time instead of the model's; the HF loss is then compiled on its own,
+            :mod:`lors_fx.compiler.loss`), else ``"model"`` — and if FSDP2 shards the model after this call
             but before its first training step (accelerate's ``prepare``), that step switches to
             ``"blocks"``.
 
@@ -322,6 +334,7 @@ def decompile_model(model: nn.Module) -> nn.Module:
             del module.__dict__["forward"]
     for m in lors_modules(model).values():
         m.emit_reference = False
+    remove_compiled_loss(model)
     state = compile_state_of(model)
     if state is not None:
         hf_config = getattr(model, "config", None)

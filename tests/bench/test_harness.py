@@ -152,3 +152,35 @@ def test_flop_formulas_are_given_to_the_counter_only():
     assert bench._count_flops(model, x) > 0
     assert torch.ops.lors.sparse_lora_linear not in flop_registry
     assert torch.ops.aten.addmm_ not in flop_registry
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_compiled_row_stays_compiled(monkeypatch):
+    """Counting FLOPs traces the forward under a dispatch mode; on the model optimize() compiled
+    in place that used to break the graph and run the row on the eager op for good."""
+    from lors_fx import ops
+    from lors_fx.compiler import compile_state_of
+    from lors_fx.compiler.compilers import COMPILER_ENV, inductor_unavailable
+
+    real, built = bench._build_method, {}
+    monkeypatch.delenv(COMPILER_ENV, raising=False)  # the default compilers, as users run it
+
+    def keep(method, *args):
+        built[method] = real(method, *args)
+        return built[method]
+
+    monkeypatch.setattr(bench, "_build_method", keep)
+    args = _args(["--quick"])
+    args.scale, args.tokens, args.steps = 1 / 64, [16], 1
+    case = bench.run_case("llama_mlp", 16, 4, "fp32", ["lora", "lors_fx_compiled"], args)
+    rows = {row["method"]: row for row in case["rows"]}
+    assert rows["lors_fx_compiled"]["status"] == "ok" and rows["lors_fx_compiled"]["flops"] > 0
+    model = built["lors_fx_compiled"][0]
+    state = compile_state_of(model)
+    assert state.graphs and state.fallback is None
+    if inductor_unavailable("cpu"):
+        return  # the eager compilers run the op inside the graph: nothing more to tell apart
+    calls, forward = [], ops._forward
+    monkeypatch.setattr(ops, "_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    model(torch.randn(1, 16, 64, requires_grad=True)).sum().backward()  # the case's x shape
+    assert calls == [], [r.notes for r in state.graphs]  # inductor's lowered graphs, not the op

@@ -9,7 +9,9 @@ import torch
 import lors_fx
 from lors_fx import LorsConfig
 from lors_fx.compiler import _torch_private as private
-from lors_fx.compiler import compile_state_of
+from lors_fx import ops
+from lors_fx.compiler import compile_state_of, decompile_model
+from lors_fx.compiler.loss import CompiledLoss
 from lors_fx.compiler.compilers import COMPILER_ENV, inductor_unavailable, resolve_compiler
 from lors_fx.methods.measure import saved_bytes
 from lors_fx.testing.toy import build_toy_llama, toy_batches
@@ -112,3 +114,87 @@ def test_auto_falls_back_to_eager_whole_model_with_the_reason(monkeypatch):
     assert all(c == {"forward": "eager", "backward": "eager"} for c in report.compilers.values())
     assert any("auto -> eager: no C++ compiler" in note for note in report.notes)
     assert "compilers (forward/backward): eager/eager" in str(report)
+
+
+def _needs_inductor(monkeypatch):
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    if inductor_unavailable("cpu"):
+        pytest.skip(f"inductor cannot run here: {inductor_unavailable('cpu')}")
+
+
+def _eager_op_calls(monkeypatch):
+    """A list that grows by one per forward of the eager op (the lowered graphs never call it)."""
+    calls, forward = [], ops._forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_forward", counting)
+    return calls
+
+
+def test_default_path_lowers_the_build_and_compiles_the_loss(monkeypatch):
+    _needs_inductor(monkeypatch)
+    _, default = _pair()
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    calls = _eager_op_calls(monkeypatch)
+    default(**batch).loss.backward()
+    assert calls == []  # every adapted linear ran lowered inside inductor's graphs
+    state = compile_state_of(default)
+    lors_targets = {torch.ops.lors.sparse_lora_linear.default, torch.ops.lors.masked_weight.default}
+    for record in state.graphs:
+        assert set(record.lowered) == {"forward", "backward"}
+        for graph in record.lowered.values():
+            assert not lors_targets & {n.target for n in graph.graph.nodes}
+        # the partitioned graphs keep the op: what is saved was decided with it opaque
+        assert torch.ops.lors.sparse_lora_linear.default in \
+            {n.target for n in record.forward.graph.nodes}
+    passes = {(p["name"], p["graph"]): p["count"] for p in lors_fx.report(default).passes}
+    assert passes[("lower_lors_ops (forward)", 0)] == 7
+    assert passes[("lower_lors_ops (backward)", 0)] > 0
+    # another length recompiles with symbolic token dims: still lowered, the op never called
+    graphs = len(state.graphs)
+    [longer] = toy_batches(1, batch_size=2, seq_len=24)
+    default(**longer).loss.backward()
+    assert calls == [] and len(state.graphs) > graphs
+    assert isinstance(default.loss_function, CompiledLoss)
+    assert any("loss: compiled" in note for note in lors_fx.report(default).notes)
+    decompile_model(default)
+    assert not isinstance(default.loss_function, CompiledLoss)
+    assert "_loss_function" not in default.__dict__
+
+
+def test_the_fused_build_equals_the_opaque_op(monkeypatch):
+    _needs_inductor(monkeypatch)
+    _, fused = _pair()
+    opaque = build_toy_llama(seed=0)
+    lors_fx.optimize(opaque, LorsConfig(fuse_build=False))
+    opaque.load_state_dict(fused.state_dict())
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    for model in (fused, opaque):
+        model(**batch).loss.backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), opaque.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+    for record in compile_state_of(opaque).graphs:
+        assert all(r.count == 0 for results in record.lower_passes.values() for r in results)
+
+
+def test_a_call_inside_a_dispatch_mode_leaves_the_model_compiled(monkeypatch):
+    """FlopCounterMode around one call used to make dynamo skip the block's frame for good: the
+    model then ran eagerly, silently."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _needs_inductor(monkeypatch)
+    _, default = _pair()
+    [batch] = toy_batches(1, batch_size=2, seq_len=16)
+    default(**batch).loss.backward()
+    calls = _eager_op_calls(monkeypatch)
+    with FlopCounterMode(display=False) as counter:
+        default(**batch).loss.backward()
+    assert counter.get_total_flops() > 0 and calls  # that call ran the eager op
+    calls.clear()
+    default(**batch).loss.backward()
+    assert calls == [] and compile_state_of(default).fallback is None
