@@ -6,7 +6,7 @@ Usage::
     python tools/bench_compile.py [--layers N --hidden H --intermediate I --heads H --kv-heads K
                                    --vocab V --seq T --r R --repeats K --warmup W
                                    --compiler inductor|eager --checkpoint POLICY --threads N
-                                   --only NAMES --json FILE]
+                                   --bits 4|8 --group-size G --only NAMES --json FILE]
 
 The defaults are issue 13's case: a Llama with SmolLM2-135M's layer shapes (hidden 576, MLP 1536,
 9/3 heads), 4 layers, vocabulary 8,192, every ``nn.Linear`` but ``lm_head`` 50% magnitude-pruned
@@ -15,6 +15,12 @@ One process, one copy of the model per method:
 
 - ``lors_fx optimize() defaults``: ``lors_fx.optimize(model, LorsConfig(r, alpha))``: what a user
   gets (inductor where it can run, compiled block by block).
+- ``lors_fx compiled, op kept opaque (fuse_build=False)``: the default without
+  ``lower_lors_ops`` (the op's build stays a Python op inside inductor's graphs).
+- ``lors_fx compiled whole model (scope='model')``: one graph for the whole model instead of one
+  per decoder block.
+- with ``--bits 4|8``: ``optimize()`` on the model quantized round-to-nearest (``--group-size``,
+  default 64), compiled plain and quantization-aware, and QA on the eager op.
 - ``lors_fx compiled, eager compilers``: the same with ``fw_compiler=bw_compiler="eager"`` (the
   default before inductor became it).
 - ``lors_fx eager op (compile=False)``: the custom op, no torch.compile.
@@ -172,6 +178,18 @@ def setup_lors(args, compile: bool, compiler: str = "auto", **overrides) -> nn.M
     return optimize(build_model(args), _lors_config(args, compiler, **overrides), compile=compile)
 
 
+def setup_lors_quantized(args, compile: bool = True, **overrides) -> nn.Module:
+    """``optimize()`` on the same pruned model with its linears quantized round-to-nearest to
+    ``--bits`` (``--group-size`` inputs per scale; ``quantize_model``), compute dtype fp32."""
+    from lors_fx.api import optimize
+    from lors_fx.quant import QuantSpec
+    from lors_fx.quantized import quantize_model
+
+    model = build_model(args)
+    quantize_model(model, QuantSpec(args.bits, args.group_size))
+    return optimize(model, _lors_config(args, **overrides), compile=compile)
+
+
 def setup_lors_whole(args) -> nn.Module:
     """``optimize(..., compile=False)`` then ``compile_model(scope="model")``: one graph for the
     whole model instead of one per decoder block (the default's ``scope="auto"``)."""
@@ -237,6 +255,15 @@ def methods(args) -> Dict[str, Callable[[], nn.Module]]:
         "PEFT LoRA eager": lambda: setup_peft(args, compiled=False),
         REFERENCE: lambda: setup_peft(args, compiled=True),
     }
+    if args.bits:
+        grid = f"int{args.bits} g{args.group_size}"
+        table.update({
+            f"lors_fx optimize() on {grid}": lambda: setup_lors_quantized(args),
+            f"lors_fx optimize() on {grid}, quantization-aware":
+                lambda: setup_lors_quantized(args, quant_aware=True),
+            f"lors_fx eager op on {grid}, QA (compile=False)":
+                lambda: setup_lors_quantized(args, False, quant_aware=True),
+        })
     if args.only:
         wanted = [name.strip() for name in args.only.split(",")]
         table = {k: v for k, v in table.items() if any(w in k for w in wanted) or k == REFERENCE}
@@ -389,6 +416,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: torch's default); 1 is steadiest on a "
                              "shared machine")
+    parser.add_argument("--bits", type=int, choices=(4, 8),
+                        help="also run lors_fx on the model quantized to this many bits "
+                             "(QuantSpec; compiled plain and quantization-aware, QA eager)")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="inputs per scale with --bits (default 64: divides 576)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--only", help="comma-separated substrings of the method names to run "
                         "(the reference, compiled PEFT LoRA, always runs)")

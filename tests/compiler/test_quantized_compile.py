@@ -203,3 +203,26 @@ def test_default_inductor_path_matches_the_eager_op(monkeypatch):
             assert record.compiler_notes == [] and record.sites["proj"].rewritten
     for got, want in zip(results[True], results[False]):
         _assert_relative(got, want, "inductor vs eager")
+
+
+def test_inductor_compiles_the_quantization_aware_model(quantized_llama, monkeypatch):
+    """The default compilers (inductor): the quantized ops stay opaque inside inductor's graphs
+    (lower_lors_ops lowers only the float op: inductor's CPU code for the int4 unpack and the
+    group scales was slower than the op's chunked build), loss and gradients equal the eager
+    op's."""
+    from lors_fx.compiler.compilers import inductor_unavailable
+
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    if inductor_unavailable("cpu"):
+        pytest.skip(f"inductor cannot run here: {inductor_unavailable('cpu')}")
+    torch.compiler.reset()
+    config = LorsConfig(r=4, quant_aware=True)
+    compiled, loss, grads = _step(quantized_llama, config, compile=True)
+    _, want_loss, want_grads = _step(quantized_llama, config, compile=False)
+    _assert_relative(loss, want_loss, "loss")
+    for name, grad in want_grads.items():
+        _assert_relative(grads[name], grad, name)
+    record = compile_state_of(compiled).graphs[0]
+    assert record.compilers == {"forward": "inductor", "backward": "inductor"}
+    assert all(r.count == 0 for results in record.lower_passes.values() for r in results)
+    assert "lors.quant_lora_linear" in record.lowered["forward"].code
