@@ -101,7 +101,7 @@ def _call(graph: fx.Graph, target, args, fake_mode, like: fx.Node, **kwargs) -> 
 
 
 def _build(graph, weight, lora_A, lora_B, scaling, include_base, fake_mode, like) -> fx.Node:
-    """``W' = masked_fill(W + s*(B@A), W == 0, 0)`` (without ``W``: ``s*(B@A)``) as aten calls."""
+    """``W' = where(W == 0, 0, W + s*(B@A))`` (without ``W``: ``s*(B@A)``) as aten calls."""
     dtype = _val(weight).dtype
     factors: List[fx.Node] = []
     for adapter in (lora_B, lora_A):
