@@ -15,7 +15,8 @@ What is used, and why:
   ``node.meta["ac_graph_id"]``, which the min-cut of torch 2.11-2.14 reads (see
   ``passes/insert_checkpoints.py``): ``MUST_RECOMPUTE``/``PREFER_RECOMPUTE`` force recompute,
   ``MUST_SAVE`` bans it; a must-recompute node feeding one of a larger ``ac_graph_id`` is saved.
-- Inductor's ``compile_fx_inner`` and decomposition table, for ``fw_compiler="inductor"``.
+- Inductor's ``compile_fx_inner``, decomposition table and joint-graph passes
+  (``_recursive_joint_graph_passes``), for ``fw_compiler="inductor"``.
 - ``torch._guards`` (``TracingContext``, ``CompileContext``, ``detect_fake_mode``): to trace a
   "before" copy of a graph inside a compile, and the compile id (``> 0``: a recompile).
 - ``torch._dynamo.utils.counters["graph_break"]``: the graph-break counter.
@@ -53,7 +54,7 @@ from lors_fx.compiler._torch_versions import (TESTED_TORCH, LoggingFunctionKey,
 __all__ = ["TESTED_TORCH", "CheckpointPolicy", "RECOMPUTE_META_KEY", "AC_GRAPH_ID_META_KEY",
            "is_primal", "is_tangent", "must_recompute", "min_cut_partition", "aot_backend",
            "aot_trace", "partition_context", "boxed", "inductor_compiler",
-           "inductor_decompositions", "graph_break_count", "graph_break_reasons",
+           "inductor_decompositions", "inductor_joint_graph_passes", "graph_break_count", "graph_break_reasons",
            "current_compile_id", "fake_mode_of", "fresh_tracing", "size_hint", "is_view_op",
            "ignore_logging_function", "dynamo_error_types", "module_path_from_source",
            "is_backward_traced", "recompile_limit_at_least", "fresh_entry_point",
@@ -168,6 +169,16 @@ def inductor_decompositions() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+def inductor_joint_graph_passes(joint_gm: fx.GraphModule, joint_inputs) -> fx.GraphModule:
+    """Inductor's own joint-graph passes (its pattern rewrites), which its ``partition_fn`` runs
+    before the min-cut; returns the graph module to partition (maybe a new one). Without them the
+    partition of a whole HF model kept one more logits-sized buffer alive in backward."""
+    from torch._inductor.compile_fx import _recursive_joint_graph_passes, get_inputs_devices
+
+    device = next(iter(get_inputs_devices(joint_inputs, joint_gm)), None)
+    return _recursive_joint_graph_passes(joint_gm, skip_invoke_subgraph=True, input_device=device)
 
 
 def inductor_compiler(is_backward: bool) -> Callable:

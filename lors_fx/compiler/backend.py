@@ -6,7 +6,8 @@ Per dynamo graph the backend runs::
       -> forward passes: annotate_sparse_linears[, convert_peft_lora], rewrite_quantized_adapters,
          rewrite_masked_adapters
       -> aot_autograd: joint graph
-           -> partition_fn: insert_checkpoints (policy != "none"), then the min-cut partitioner
+           -> partition_fn: inductor's joint-graph passes (when it compiles), insert_checkpoints
+              (policy != "none"), then the min-cut partitioner
            -> saved_tensor_report on the partitioned forward
       -> fw/bw compilers: "inductor", or "eager" (run the GraphModules); "auto" resolves per
          graph (lors_fx.compiler.compilers), and an inductor failure runs that graph eagerly
@@ -64,8 +65,11 @@ def _input_names(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return placeholder_params, input_names
 
 
-def _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes):
-    """Joint-graph passes, min-cut, saved-tensor report: ``(fw, bw, joint results, report)``."""
+def _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes, inductor: bool):
+    """Joint-graph passes (inductor's first, when it compiles the graphs, as its own partition_fn
+    does), min-cut, saved-tensor report: ``(fw, bw, joint results, report)``."""
+    if inductor:
+        joint_gm = private.inductor_joint_graph_passes(joint_gm, joint_inputs)
     ctx.extra["partition_kwargs"] = dict(kwargs)
     ctx.extra["num_fwd_outputs"] = kwargs["num_fwd_outputs"]
     joint_results = run_passes(joint_gm, graph_passes, ctx)
@@ -118,7 +122,8 @@ def backend(config: Optional[LorsConfig] = None, *, model: Optional[nn.Module] =
 
         def partition_fn(joint_gm, joint_inputs, **kwargs):
             (record.forward, record.backward, record.joint_passes,
-             record.saved_after) = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes)
+             record.saved_after) = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes,
+                                              any(inductor))
             return record.forward, record.backward
 
         decompositions = private.inductor_decompositions() if any(inductor) else None
@@ -217,7 +222,8 @@ def _saved_before(original: fx.GraphModule, example_inputs, config, model, place
     found: Dict[str, PassResult] = {}
 
     def partition_fn(joint_gm, joint_inputs, **kwargs):
-        found["report"] = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes)[3]
+        found["report"] = _partition(joint_gm, joint_inputs, kwargs, ctx, graph_passes,
+                                     decompositions is not None)[3]
         raise _StopAfterPartition
 
     def never_compiled(gm, inputs):  # pragma: no cover - the partition stops first
