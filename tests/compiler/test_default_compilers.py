@@ -105,6 +105,7 @@ def test_a_failing_inductor_runs_the_graph_eagerly_and_says_why(monkeypatch):
 def test_auto_falls_back_to_eager_whole_model_with_the_reason(monkeypatch):
     monkeypatch.delenv(COMPILER_ENV, raising=False)
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    monkeypatch.setattr(private, "inductor_joint_graph_passes", None)  # never called here
     _, default = _pair()
     [batch] = toy_batches(1, batch_size=2, seq_len=16)
     default(**batch).loss.backward()
@@ -136,11 +137,15 @@ def _eager_op_calls(monkeypatch):
 
 def test_default_path_lowers_the_build_and_compiles_the_loss(monkeypatch):
     _needs_inductor(monkeypatch)
+    joint_passes, real = [], private.inductor_joint_graph_passes
+    monkeypatch.setattr(private, "inductor_joint_graph_passes",
+                        lambda gm, inputs: joint_passes.append(gm) or real(gm, inputs))
     _, default = _pair()
     [batch] = toy_batches(1, batch_size=2, seq_len=16)
     calls = _eager_op_calls(monkeypatch)
     default(**batch).loss.backward()
     assert calls == []  # every adapted linear ran lowered inside inductor's graphs
+    assert joint_passes  # inductor's joint-graph passes ran before the partitioner
     state = compile_state_of(default)
     lors_targets = {torch.ops.lors.sparse_lora_linear.default, torch.ops.lors.masked_weight.default}
     for record in state.graphs:
