@@ -46,6 +46,7 @@ from typing import Any, List, Optional
 import torch
 from torch import fx
 
+from lors_fx.compiler._torch_private import fake_mode_of
 from lors_fx.passes.manager import PassContext, PassResult, register_pass
 
 __all__ = ["lower_lors_ops"]
@@ -120,12 +121,8 @@ def _build(graph, weight, lora_A, lora_B, scaling, include_base, fake_mode, like
 
 
 def _fake_mode(*nodes):
-    for node in nodes:
-        value = _val(node)
-        mode = getattr(value, "fake_mode", None)
-        if mode is not None:
-            return mode
-    return None
+    """The fake mode the graph's ``meta["val"]`` live in (None for a graph without them)."""
+    return fake_mode_of([_val(node) for node in nodes])
 
 
 def _lower_masked_weight(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
