@@ -6,7 +6,7 @@ Usage::
     python tools/bench_compile.py [--layers N --hidden H --intermediate I --heads H --kv-heads K
                                    --vocab V --seq T --r R --repeats K --warmup W
                                    --compiler inductor|eager --checkpoint POLICY --threads N
-                                   --bits 4|8 --group-size G --only NAMES --json FILE]
+                                   --bits 4|8 --group-size G --settle N --only NAMES --json FILE]
 
 The defaults are issue 13's case: a Llama with SmolLM2-135M's layer shapes (hidden 576, MLP 1536,
 9/3 heads), 4 layers, vocabulary 8,192, every ``nn.Linear`` but ``lm_head`` 50% magnitude-pruned
@@ -30,11 +30,16 @@ One process, one copy of the model per method:
 - ``SPP (checkpointed)``: SPP's authors' gradient-checkpointed form (``lors_fx.methods``).
 - ``PEFT LoRA eager`` / ``PEFT LoRA compiled``: real PEFT (``get_peft_model``), not
   sparsity-preserving; the compiled one (``torch.compile``, inductor) is the reference of the
-  ratios.
+  ratios. ``PEFT LoRA compiled per block``: each decoder layer compiled on its own
+  (``layer.compile()``, regional compilation as lors_fx's default does): what one graph per block
+  costs PEFT itself.
 
 Per method: the first step's time (compile included), the median (and the minimum: on a shared
 machine the least disturbed step) step time (forward + backward + AdamW step) over ``--repeats``
-steps taken *interleaved* across methods after ``--warmup`` steps, the median process CPU time
+steps taken *interleaved* across methods after ``--warmup`` steps (each round starts one method
+later, and each timed step follows ``--settle`` untimed steps of the same method, as in a training
+loop: a step timed right after another model's inherits that model's freed memory and caches,
+which biased earlier tables by a few percent, see docs/benchmarks.md), the median process CPU time
 per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
 a shared machine), their ratios to the reference, the bytes saved for backward
 (``torch.autograd.graph.saved_tensors_hooks`` on one forward; storages deduplicated, parameters
@@ -54,7 +59,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -214,15 +219,20 @@ def _torch_backend(args) -> str:
     return "aot_eager" if args.compiler == "eager" else "inductor"
 
 
-def setup_peft(args, compiled: bool) -> nn.Module:
-    """Real PEFT LoRA (``get_peft_model``, every sparse projection), eager or torch.compile'd."""
+def setup_peft(args, compiled) -> nn.Module:
+    """Real PEFT LoRA (``get_peft_model``, every sparse projection): eager (``compiled=False``),
+    torch.compile'd whole (``True``), or each decoder layer compiled on its own (``"blocks"``:
+    ``layer.compile()``, PyTorch's regional compilation, what lors_fx's default does)."""
     import peft
 
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in build_model(args).named_modules()
                       if type(m) is nn.Linear and not n.endswith("lm_head")})
     model = peft.get_peft_model(build_model(args), peft.LoraConfig(
         r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.0))
-    if compiled:
+    if compiled == "blocks":
+        for layer in model.get_base_model().model.layers:
+            layer.compile(backend=_torch_backend(args))
+    elif compiled:
         model.forward = torch.compile(model.forward, backend=_torch_backend(args))
     return model
 
@@ -253,6 +263,7 @@ def methods(args) -> Dict[str, Callable[[], nn.Module]]:
         "SQFT compiled": lambda: setup_baseline(args, NaiveMaskedAdapter, True),
         "SPP (checkpointed)": lambda: setup_spp(args),
         "PEFT LoRA eager": lambda: setup_peft(args, compiled=False),
+        "PEFT LoRA compiled per block": lambda: setup_peft(args, compiled="blocks"),
         REFERENCE: lambda: setup_peft(args, compiled=True),
     }
     if args.bits:
@@ -305,6 +316,22 @@ class Runner:
         return peak_bytes(self.step, torch.device("cpu"))
 
 
+def turns(names: List[str], repeats: int, settle: int) -> List[Tuple[str, bool]]:
+    """The order of the measured steps: ``(method, timed)`` pairs.
+
+    ``repeats`` rounds over ``names``, each round starting one method later (so a drift in the
+    machine's load hits every method alike), and each timed step right after ``settle`` untimed
+    steps of the same method: a timed step follows a step of its own model, as in a training
+    loop, not a fixed neighbour whose freed memory and caches it would inherit.
+    """
+    order: List[Tuple[str, bool]] = []
+    for repeat in range(repeats):
+        shift = repeat % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            order += [(name, False)] * settle + [(name, True)]
+    return order
+
+
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:160] if text else ''}"
@@ -338,12 +365,14 @@ def run(args) -> dict:
                                      f"first step {row['first_step_s']:.1f}s"), file=sys.stderr)
     times: Dict[str, List[float]] = {name: [] for name in runners}
     cpu_times: Dict[str, List[float]] = {name: [] for name in runners}
-    for _ in range(args.repeats):
-        for name, runner in runners.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            runner.step()
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu_start)
+    for name, timed in turns(list(runners), args.repeats, args.settle):
+        if not timed:
+            runners[name].step()
+            continue
+        start, cpu_start = time.perf_counter(), time.process_time()
+        runners[name].step()
+        times[name].append(time.perf_counter() - start)
+        cpu_times[name].append(time.process_time() - cpu_start)
     for name, runner in runners.items():
         rows[name]["step_ms"] = 1e3 * statistics.median(times[name])
         rows[name]["step_ms_min"] = 1e3 * min(times[name])
@@ -407,6 +436,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps of a method right before each of its timed steps "
+                             "(0: time the step that follows another method's)")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
                         help="the torch.compile backend of the compiled baselines: inductor, or "
                              "eager (aot_eager: the partitioned graphs as they are); lors_fx's "
