@@ -2,7 +2,7 @@
 """QA-LoRS on a pruned int4 SmolLM2-135M against "LoRS on the float pruned model, merge, then
 quantize", over seeds, with the demo's data and settings (``lors-fx demo --bits 4``).
 
-    python tools/quant_seeds.py --seeds 0 1 2 --json out/quant_seeds.json
+    python tools/quant_seeds.py --seeds 0 1 2 [--lr 1e-3 --qa-lr LR] --json out/quant_seeds.json
 
 Per seed: ``qa_lors``: the Wanda-50% model quantized (GPTQ, int4 g64, calibrated scales), QA-LoRS
 (``LorsConfig(quant_aware=True)``, gradient init) for ``--steps`` steps, merged onto the grid;
@@ -32,12 +32,12 @@ from lors_fx.workflows.quantize import quantize_pruned_model
 from lors_fx.workflows.train import TrainConfig, prepare_model, train
 
 
-def _train(model, splits, seed, steps, quant_aware):
+def _train(model, splits, seed, steps, quant_aware, lr=1e-3):
     torch.manual_seed(seed)
     init_data = list(splits.train.batches(2, shuffle=True, seed=seed + 99))[:4]
     prepare_model(model, "lors", r=16, init="gradient", init_data=init_data, init_samples=4,
                   progress=False, **({"quant_aware": True} if quant_aware else {}))
-    train(model, splits.train, TrainConfig(steps=steps, batch_size=2, lr=1e-3, seed=seed,
+    train(model, splits.train, TrainConfig(steps=steps, batch_size=2, lr=lr, seed=seed,
                                            warmup_ratio=0.1, progress=False))
 
 
@@ -47,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of both runs")
+    parser.add_argument("--qa-lr", type=float, default=None,
+                        help="the QA-LoRS run's learning rate instead (default: --lr)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     start = time.time()
@@ -73,7 +76,8 @@ def main(argv=None):
     for seed in args.seeds:
         row = {"seed": seed}
         qa = copy.deepcopy(quantized)
-        _train(qa, splits, seed, args.steps, quant_aware=True)
+        _train(qa, splits, seed, args.steps, quant_aware=True,
+               lr=args.lr if args.qa_lr is None else args.qa_lr)
         row["qa_trained"] = ppl(qa)
         merge(qa)
         row["qa_merged"] = ppl(qa)
@@ -83,7 +87,7 @@ def main(argv=None):
         row["gap_recovered"] = (math.log(result["pruned_int4"]) - math.log(row["qa_merged"])) / gap
         del qa
         floating = copy.deepcopy(model)
-        _train(floating, splits, seed, args.steps, quant_aware=False)
+        _train(floating, splits, seed, args.steps, quant_aware=False, lr=args.lr)
         row["lors_float_trained"] = ppl(floating)
         merge(floating)
         quantize_pruned_model(floating, 4, args.group_size, method="gptq",
