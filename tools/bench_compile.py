@@ -39,8 +39,8 @@ machine the least disturbed step) step time (forward + backward + AdamW step) ov
 steps taken *interleaved* across methods after ``--warmup`` steps (each round starts one method
 later, and each timed step follows ``--settle`` untimed steps of the same method, as in a training
 loop: a step timed right after another model's inherits that model's freed memory and caches,
-which biased earlier tables by a few percent, see docs/benchmarks.md), the median process CPU time
-per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
+which made the default's ratio 2-3% worse in earlier tables, see docs/benchmarks.md), the
+median process CPU time per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
 a shared machine), their ratios to the reference, the bytes saved for backward
 (``torch.autograd.graph.saved_tensors_hooks`` on one forward; storages deduplicated, parameters
 and buffers excluded by storage pointer; for a compiled graph the hook sees what the compiled
@@ -457,7 +457,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated substrings of the method names to run "
                         "(the reference, compiled PEFT LoRA, always runs)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.settle < 0 or args.repeats < 1:
+        parser.error("--settle must be >= 0 and --repeats >= 1")
+    return args
 
 
 def main(argv=None) -> dict:

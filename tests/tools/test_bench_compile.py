@@ -67,3 +67,9 @@ def test_quick_run_rows_and_reference(bench_compile, tmp_path):
     # the same model and batch: every method starts from the same loss
     losses = {round(row["first_loss"], 4) for row in rows.values()}
     assert len(losses) == 1, losses
+
+
+@pytest.mark.parametrize("flags", [["--settle", "-1"], ["--repeats", "0"]])
+def test_bad_counts_are_refused(bench_compile, flags):
+    with pytest.raises(SystemExit):
+        bench_compile.parse_args(flags)
