@@ -5,7 +5,8 @@ Usage::
 
     python tools/bench_quant.py [--model smollm2|tiny] [--layers N] [--batch 2] [--seq 128]
                                 [--r 16] [--dtypes fp32 bf16] [--group-size 64] [--rows ...]
-                                [--repeats 7] [--warmup 1] [--json FILE] [--quick]
+                                [--repeats 7] [--warmup 1] [--gradient-checkpointing]
+                                [--json FILE] [--quick]
 
 Part 1, bytes (exact, no run): for the linears of SmolLM2-135M (210: q, k, v, o, gate, up, down
 of 30 layers; hidden 576, MLP 1536), of the Llama-7B MLP (4096 <-> 11008) and of the benchmark's
@@ -228,7 +229,15 @@ def _qlora(base: nn.Module, dtype: torch.dtype, args):
 
 
 def build_row(name: str, base: nn.Module, dtype: torch.dtype, args) -> nn.Module:
-    """Row ``name`` on its own copy of ``base`` in ``dtype``."""
+    """Row ``name`` on its own copy of ``base`` in ``dtype`` (with ``--gradient-checkpointing``:
+    Hugging Face's per-layer activation checkpointing turned on, non-reentrant)."""
+    model = _build_row(name, base, dtype, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _build_row(name: str, base: nn.Module, dtype: torch.dtype, args) -> nn.Module:
     if name == "qlora@nf4":
         return _qlora(base, dtype, args)
     model = copy.deepcopy(base).to(dtype)
@@ -449,6 +458,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--repeats", type=int, default=7, help="timed steps per row (median)")
     add("--warmup", type=int, default=1)
     add("--seed", type=int, default=0)
+    add("--gradient-checkpointing", action="store_true",
+        help="every row with Hugging Face's activation checkpointing per decoder layer")
     add("--no-steps", action="store_true", help="part 1 only")
     add("--quick", action="store_true",
         help="tiny Llama, 2x16 tokens, group 32, 2 repeats: a smoke run")
