@@ -480,7 +480,8 @@ def main(argv=None) -> dict:
     steps = []
     title = (f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}, batch "
              f"{args.batch}x{args.seq}, r={args.r}, group {args.group_size}, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads"
+             f"{', activation checkpointing' if args.gradient_checkpointing else ''}")
     if not args.no_steps:
         base = build_base(args)
         generator = torch.Generator().manual_seed(args.seed)

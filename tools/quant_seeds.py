@@ -32,7 +32,7 @@ from lors_fx.workflows.quantize import quantize_pruned_model
 from lors_fx.workflows.train import TrainConfig, prepare_model, train
 
 
-def _train(model, splits, seed, steps, quant_aware, lr=1e-3):
+def _train(model, splits, seed, steps, quant_aware, lr):
     torch.manual_seed(seed)
     init_data = list(splits.train.batches(2, shuffle=True, seed=seed + 99))[:4]
     prepare_model(model, "lors", r=16, init="gradient", init_data=init_data, init_samples=4,
