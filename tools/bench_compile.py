@@ -38,16 +38,16 @@ Per method: the first step's time (compile included), the median (and the minimu
 machine the least disturbed step) step time (forward + backward + AdamW step) over ``--repeats``
 steps taken *interleaved* across methods after ``--warmup`` steps (each round starts one method
 later, and each timed step follows ``--settle`` untimed steps of the same method, as in a training
-loop: a step timed right after another model's inherits that model's freed memory and caches,
-which made the default's ratio 2-3% worse in earlier tables, see docs/benchmarks.md), the
-median process CPU time per step (``time.process_time``, all threads: less sensitive than wall time to other processes on
-a shared machine), their ratios to the reference, the bytes saved for backward
-(``torch.autograd.graph.saved_tensors_hooks`` on one forward; storages deduplicated, parameters
-and buffers excluded by storage pointer; for a compiled graph the hook sees what the compiled
-autograd function saves), and the step's peak memory: the high-water mark of live tensor bytes
-above the step's starting level, from ``torch.profiler`` memory events of one steady-state step
-(in process: it counts allocations made inside the step only, so the methods do not disturb each
-other). A method that cannot run (a module missing, an error) gets a row ``unavailable: <reason>``.
+loop: a step timed right after another model's inherits that model's freed memory and caches, which
+made the default's ratio 2-3% worse in earlier tables, see docs/benchmarks.md), the median process
+CPU time per step (``time.process_time``, all threads: less sensitive than wall time to other
+processes on a shared machine), their ratios to the reference, the bytes saved for backward
+(``torch.autograd.graph.saved_tensors_hooks`` on one forward; storages deduplicated, parameters and
+buffers excluded by storage pointer; for a compiled graph the hook sees what the compiled autograd
+function saves), and the step's peak memory: the high-water mark of live tensor bytes above the
+step's starting level, from ``torch.profiler`` memory events of one steady-state step (in process:
+it counts allocations made inside the step only, so the methods do not disturb each other). A
+method that cannot run (a module missing, an error) gets a row ``unavailable: <reason>``.
 """
 from __future__ import annotations
 
@@ -387,10 +387,10 @@ def run(args) -> dict:
             row["ratio_to_lora_min"] = row["step_ms_min"] / reference["step_ms_min"]
             row["cpu_ratio_to_lora"] = row["cpu_ms"] / reference["cpu_ms"]
             row["peak_ratio_to_lora"] = row["peak_bytes"] / max(1, reference["peak_bytes"])
-    return {"args": vars(args), "machine": {"python": platform.python_version(),
-                                            "torch": torch.__version__,
-                                            "threads": torch.get_num_threads(),
-                                            "processor": platform.processor() or platform.machine()},
+    machine = {"python": platform.python_version(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(),
+               "processor": platform.processor() or platform.machine()}
+    return {"args": vars(args), "machine": machine,
             "peak_memory_method": "torch.profiler memory events, one steady-state step, in process",
             "rows": list(rows.values())}
 

@@ -54,11 +54,11 @@ from lors_fx.compiler._torch_versions import (TESTED_TORCH, LoggingFunctionKey,
 __all__ = ["TESTED_TORCH", "CheckpointPolicy", "RECOMPUTE_META_KEY", "AC_GRAPH_ID_META_KEY",
            "is_primal", "is_tangent", "must_recompute", "min_cut_partition", "aot_backend",
            "aot_trace", "partition_context", "boxed", "inductor_compiler",
-           "inductor_decompositions", "inductor_joint_graph_passes", "graph_break_count", "graph_break_reasons",
-           "current_compile_id", "fake_mode_of", "fresh_tracing", "size_hint", "is_view_op",
-           "ignore_logging_function", "dynamo_error_types", "module_path_from_source",
-           "is_backward_traced", "recompile_limit_at_least", "fresh_entry_point",
-           "clone_function", "dispatch_mode_active"]
+           "inductor_decompositions", "inductor_joint_graph_passes", "graph_break_count",
+           "graph_break_reasons", "current_compile_id", "fake_mode_of", "fresh_tracing",
+           "size_hint", "is_view_op", "ignore_logging_function", "dynamo_error_types",
+           "module_path_from_source", "is_backward_traced", "recompile_limit_at_least",
+           "fresh_entry_point", "clone_function", "dispatch_mode_active"]
 
 #: ``node.meta`` key the partitioner reads for the checkpoint policy of a node.
 RECOMPUTE_META_KEY = "recompute"
